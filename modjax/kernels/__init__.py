@@ -1,0 +1,1 @@
+"""Fast paths per backend (grouped matmul), each with a reference twin."""

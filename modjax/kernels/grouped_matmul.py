@@ -1,0 +1,338 @@
+"""Grouped matrix multiplication over variable-size groups of rows, with custom gradients.
+
+Rows of an operand are sorted by group (expert) and each group is padded to a multiple of
+``block_size`` rows ("block-padded layout"), so every block of rows belongs to exactly one
+group. Then
+
+* :func:`gmm` ``out[b] = x[b] @ w[group(b)]`` (or ``@ w[group(b)].T``): the forward
+  matmul and the input gradient;
+* :func:`tgmm` ``dw[g] = sum_{b in g} x[b].T @ dy[b]``: the per-group weight gradient.
+
+``gmm`` carries a ``jax.custom_vjp`` built from those two, so each grouped matmul costs
+three grouped matmuls forward+backward and never touches the other groups' weights.
+
+Implementations (``impl=``), all computing the same function:
+
+* ``"reference"``: a loop over groups of masked dense matmuls, obviously correct and G
+  times the work; the twin every fast path is tested against.
+* ``"xla"``: a ``fori_loop`` over the used blocks, one small matmul each (fast on CPU).
+* ``"pallas"``: Triton-lowered Pallas kernels (:mod:`modjax.kernels.pallas_gmm`), for
+  GPUs; with ``interpret=True`` they run anywhere (slowly), which the tests use on CPU.
+* ``"auto"`` (default): ``"pallas"`` on GPU, ``"xla"`` elsewhere.
+
+Inputs are bf16/f16/f32; products accumulate in float32 and are cast back to the
+operand dtype.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from modjax.typing import Array
+
+IMPLS = ("auto", "reference", "xla", "pallas")
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class GroupLayout(NamedTuple):
+    """Where each block of a block-padded operand belongs.
+
+    Attributes:
+      block_group: int32 ``[Nb]``: the group of each block (blocks past the used ones
+        repeat the last group; they hold only padding).
+      group_start: int32 ``[G + 1]``: first block of each group; ``group_start[G]`` is the
+        number of used blocks.
+    """
+
+    block_group: Array
+    group_start: Array
+
+    @property
+    def num_groups(self) -> int:
+        return self.group_start.shape[0] - 1
+
+    @property
+    def num_blocks(self) -> int:
+        return self.block_group.shape[0]
+
+
+def max_blocks(num_rows: int, num_groups: int, block_size: int) -> int:
+    """Static bound on the blocks needed: ``sum_g ceil(n_g / bs) <= (M + G (bs-1)) / bs``."""
+    return max(1, (num_rows + num_groups * (block_size - 1)) // block_size)
+
+
+def group_layout(group_sizes: Array, num_rows: int, block_size: int) -> GroupLayout:
+    """The block-padded layout of groups with these sizes (int ``[G]``, summing to <= M)."""
+    _check_block_size(block_size)
+    group_sizes = jnp.asarray(group_sizes, jnp.int32)
+    num_groups = group_sizes.shape[0]
+    blocks_per_group = (group_sizes + block_size - 1) // block_size
+    ends = jnp.cumsum(blocks_per_group)
+    group_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends]).astype(jnp.int32)
+    nb = max_blocks(num_rows, num_groups, block_size)
+    block_group = jnp.searchsorted(ends, jnp.arange(nb, dtype=jnp.int32), side="right")
+    block_group = jnp.minimum(block_group, num_groups - 1).astype(jnp.int32)
+    return GroupLayout(block_group=block_group, group_start=group_start)
+
+
+def sort_to_blocks(
+    group_ids: Array, num_groups: int, block_size: int
+) -> tuple[Array, Array, GroupLayout]:
+    """Positions of rows in the block-padded layout, grouped by ``group_ids``.
+
+    Args:
+      group_ids: int ``[M]`` group of each row, in ``[0, G)``.
+      num_groups: G.
+      block_size: rows per block.
+
+    Returns:
+      ``(position, source, layout)``: int32 ``[M]`` padded row of each row; int32
+      ``[Nb * block_size]`` source row of each padded row (``M`` for padding); and the
+      :class:`GroupLayout`. Rows keep their order inside a group (stable).
+    """
+    m = group_ids.shape[0]
+    group_ids = group_ids.astype(jnp.int32)
+    sizes = jnp.zeros((num_groups,), jnp.int32).at[group_ids].add(1)
+    layout = group_layout(sizes, m, block_size)
+    order = jnp.argsort(group_ids, stable=True)
+    sorted_ids = group_ids[order]
+    row_start = jnp.cumsum(sizes) - sizes
+    rank = jnp.arange(m, dtype=jnp.int32) - row_start[sorted_ids]
+    pos_sorted = layout.group_start[sorted_ids] * block_size + rank
+    position = jnp.zeros((m,), jnp.int32).at[order].set(pos_sorted)
+    padded_rows = layout.num_blocks * block_size
+    source = jnp.full((padded_rows,), m, jnp.int32).at[position].set(jnp.arange(m))
+    return position, source, layout
+
+
+# --------------------------------------------------------------------------------------
+# checks
+
+
+def _check_block_size(block_size) -> None:
+    if not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int, got {block_size!r}")
+
+
+def _check_impl(impl: str) -> str:
+    if impl not in IMPLS:
+        raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "pallas" if jax.default_backend() == "gpu" else "xla"
+    return impl
+
+
+def _check_dtype(name: str, a: Array) -> None:
+    if a.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} dtype must be one of float32/bfloat16/float16, got {a.dtype}")
+
+
+def _check_gmm(x: Array, w: Array, layout: GroupLayout, block_size: int, transpose_rhs):
+    _check_block_size(block_size)
+    _check_dtype("x", x)
+    _check_dtype("w", w)
+    if x.ndim != 2 or w.ndim != 3:
+        raise ValueError(f"x must be [M, K] and w [G, K, N]; got x {x.shape}, w {w.shape}")
+    k = w.shape[2] if transpose_rhs else w.shape[1]
+    if x.shape[1] != k:
+        raise ValueError(
+            f"x width {x.shape[1]} does not match w's contracting width {k} "
+            f"(w {w.shape}, transpose_rhs={transpose_rhs})"
+        )
+    if w.shape[0] != layout.num_groups:
+        raise ValueError(f"w has {w.shape[0]} groups but layout has {layout.num_groups}")
+    if x.shape[0] != layout.num_blocks * block_size:
+        raise ValueError(
+            f"x has {x.shape[0]} rows; block-padded layout needs "
+            f"{layout.num_blocks} * {block_size} = {layout.num_blocks * block_size}"
+        )
+
+
+# --------------------------------------------------------------------------------------
+# implementations of the two primitives
+
+
+def _gmm_reference(x, w, layout, block_size, transpose_rhs):
+    rows_group = jnp.repeat(layout.block_group, block_size)
+    used = jnp.arange(x.shape[0]) < layout.group_start[-1] * block_size
+    out = jnp.zeros((x.shape[0], w.shape[1] if transpose_rhs else w.shape[2]), jnp.float32)
+    for g in range(w.shape[0]):
+        wg = w[g].T if transpose_rhs else w[g]
+        prod = jnp.dot(x, wg, preferred_element_type=jnp.float32)
+        out = out + jnp.where(((rows_group == g) & used)[:, None], prod, 0.0)
+    return out.astype(x.dtype)
+
+
+def _tgmm_reference(x, dy, layout, block_size):
+    rows_group = jnp.repeat(layout.block_group, block_size)
+    used = jnp.arange(x.shape[0]) < layout.group_start[-1] * block_size
+    out = []
+    for g in range(layout.num_groups):
+        mask = ((rows_group == g) & used)[:, None]
+        xg = jnp.where(mask, x, 0)
+        out.append(jnp.dot(xg.T, dy, preferred_element_type=jnp.float32))
+    return jnp.stack(out)
+
+
+def _gmm_xla(x, w, layout, block_size, transpose_rhs):
+    nb, bs = layout.num_blocks, block_size
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    xb = x.reshape(nb, bs, x.shape[1])
+
+    def body(b, out):
+        wg = jax.lax.dynamic_index_in_dim(w, layout.block_group[b], keepdims=False)
+        xk = jax.lax.dynamic_index_in_dim(xb, b, keepdims=False)
+        dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
+        y = jax.lax.dot_general(xk, wg, dims, preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_index_in_dim(out, y.astype(x.dtype), b, 0)
+
+    out = jnp.zeros((nb, bs, n), x.dtype)
+    out = jax.lax.fori_loop(0, layout.group_start[-1], body, out)
+    return out.reshape(nb * bs, n)
+
+
+def _tgmm_xla(x, dy, layout, block_size):
+    nb, bs = layout.num_blocks, block_size
+    xb = x.reshape(nb, bs, x.shape[1])
+    dyb = dy.reshape(nb, bs, dy.shape[1])
+
+    def body(b, dw):
+        g = layout.block_group[b]
+        xk = jax.lax.dynamic_index_in_dim(xb, b, keepdims=False)
+        dk = jax.lax.dynamic_index_in_dim(dyb, b, keepdims=False)
+        upd = jax.lax.dot_general(
+            xk, dk, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+        )
+        cur = jax.lax.dynamic_index_in_dim(dw, g, keepdims=False)
+        return jax.lax.dynamic_update_index_in_dim(dw, cur + upd, g, 0)
+
+    dw = jnp.zeros((layout.num_groups, x.shape[1], dy.shape[1]), jnp.float32)
+    return jax.lax.fori_loop(0, layout.group_start[-1], body, dw)
+
+
+def _gmm_pallas(x, w, layout, block_size, transpose_rhs, interpret):
+    from modjax.kernels import pallas_gmm
+
+    return pallas_gmm.gmm(
+        x, w, layout, block_size=block_size, transpose_rhs=transpose_rhs, interpret=interpret
+    )
+
+
+def _tgmm_pallas(x, dy, layout, block_size, interpret):
+    from modjax.kernels import pallas_gmm
+
+    return pallas_gmm.tgmm(x, dy, layout, block_size=block_size, interpret=interpret)
+
+
+def _gmm_impl(x, w, layout, block_size, transpose_rhs, impl, interpret):
+    if impl == "reference":
+        return _gmm_reference(x, w, layout, block_size, transpose_rhs)
+    if impl == "xla":
+        return _gmm_xla(x, w, layout, block_size, transpose_rhs)
+    return _gmm_pallas(x, w, layout, block_size, transpose_rhs, interpret)
+
+
+def _tgmm_impl(x, dy, layout, block_size, impl, interpret):
+    if impl == "reference":
+        return _tgmm_reference(x, dy, layout, block_size)
+    if impl == "xla":
+        return _tgmm_xla(x, dy, layout, block_size)
+    return _tgmm_pallas(x, dy, layout, block_size, interpret)
+
+
+# --------------------------------------------------------------------------------------
+# public API with custom gradients
+
+
+def gmm(
+    x: Array,
+    w: Array,
+    layout: GroupLayout,
+    *,
+    block_size: int,
+    transpose_rhs: bool = False,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> Array:
+    """Grouped matmul on a block-padded operand: ``out[rows of g] = x[rows of g] @ w[g]``.
+
+    Args:
+      x: ``[Nb * block_size, K]`` rows in block-padded layout (see :func:`sort_to_blocks`).
+      w: ``[G, K, N]`` per-group weights (``[G, N, K]`` with ``transpose_rhs``).
+      layout: the :class:`GroupLayout` of ``x``.
+      block_size: rows per block (static).
+      transpose_rhs: multiply by ``w[g].T`` instead.
+      impl: ``"auto"``, ``"reference"``, ``"xla"`` or ``"pallas"``.
+      interpret: run Pallas kernels in interpret mode (any backend; for tests).
+
+    Returns:
+      ``[Nb * block_size, N]`` in ``x.dtype``; rows of unused blocks are zero.
+    """
+    _check_gmm(x, w, layout, block_size, transpose_rhs)
+    impl = _check_impl(impl)
+    return _gmm_vjp(x, w, layout, block_size, transpose_rhs, impl, interpret)
+
+
+def tgmm(
+    x: Array,
+    dy: Array,
+    layout: GroupLayout,
+    *,
+    block_size: int,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> Array:
+    """Per-group ``x^T dy``: float32 ``[G, K, N]`` from ``x [Mp, K]`` and ``dy [Mp, N]``.
+
+    Groups with no rows get zeros. This is the weight gradient of :func:`gmm`.
+    """
+    _check_block_size(block_size)
+    _check_dtype("x", x)
+    _check_dtype("dy", dy)
+    if x.shape[0] != dy.shape[0] or x.shape[0] != layout.num_blocks * block_size:
+        raise ValueError(f"x {x.shape} and dy {dy.shape} must both have Nb * block_size rows")
+    impl = _check_impl(impl)
+    return _tgmm_impl(x, dy, layout, block_size, impl, interpret)
+
+
+@jax.custom_vjp
+def _gmm_core(x, w, layout, static):
+    block_size, transpose_rhs, impl, interpret = static
+    return _gmm_impl(x, w, layout, block_size, transpose_rhs, impl, interpret)
+
+
+def _gmm_vjp(x, w, layout, block_size, transpose_rhs, impl, interpret):
+    return _gmm_core(x, w, layout, _Static(block_size, transpose_rhs, impl, interpret))
+
+
+class _Static(NamedTuple):
+    block_size: int
+    transpose_rhs: bool
+    impl: str
+    interpret: bool
+
+
+# The static settings travel as a pytree with no leaves so custom_vjp sees them as
+# constants (nondiff_argnums would also work but forbids keyword use).
+jax.tree_util.register_pytree_node(_Static, lambda s: ((), tuple(s)), lambda aux, _: _Static(*aux))
+
+
+def _gmm_bwd_full(res, dy):
+    x, w, layout, static = res
+    block_size, transpose_rhs, impl, interpret = static
+    dy = dy.astype(x.dtype)
+    dx = _gmm_impl(dy, w, layout, block_size, not transpose_rhs, impl, interpret)
+    dw = _tgmm_impl(x, dy, layout, block_size, impl, interpret)
+    if transpose_rhs:
+        dw = jnp.swapaxes(dw, 1, 2)
+    return dx, dw.astype(w.dtype), None, None
+
+
+def _gmm_fwd_full(x, w, layout, static):
+    return _gmm_core(x, w, layout, static), (x, w, layout, static)
+
+
+_gmm_core.defvjp(_gmm_fwd_full, _gmm_bwd_full)
