@@ -1,0 +1,295 @@
+"""Feed-forward computations: a dense FFN, and FFN experts behind three dispatch strategies.
+
+Parameters are plain dicts of arrays (``layers/`` owns and tags them):
+
+* ``"swiglu"``: ``{"wi_gate": [D, F], "wi_up": [D, F], "wo": [F, D]}``,
+  ``y = (silu(x wi_gate) * (x wi_up)) wo`` (Shazeer 2020, "GLU Variants Improve
+  Transformer");
+* ``"gelu"``: ``{"wi": [D, F], "wo": [F, D]}``, ``y = gelu(x wi) wo``.
+
+Expert parameters are the same with a leading E axis (``wi_gate: [E, D, F]``, ...).
+
+Mixture of FFN experts, ``y[t] = sum_k weight[t, k] * FFN_{expert_index[t, k]}(x[t])``,
+from a :class:`~modjax.routing.types.Routing`, by one of ``STRATEGIES`` (equal whenever
+nothing is dropped):
+
+* ``"dropless"`` (default, MegaBlocks, Gale et al. 2023): sort the T*K assignments by
+  expert into a block-padded buffer, run grouped matmuls
+  (:mod:`modjax.kernels.grouped_matmul`), unsort and combine. Memory grows as T*K*D.
+* ``"capacity"`` (GShard/Switch with gathers): each expert gets ``routing.capacity``
+  slots (T when the routing is dropless); assignments with ``kept`` False are dropped.
+* ``"einsum"``: the one-hot ``[T, E, C]`` dispatch/combine einsums of GShard
+  (Lepikhin et al. 2021) and Switch (Fedus et al. 2022); the reference formulation.
+
+:func:`moe_ffn_reference` loops over experts with masks: the slow twin of all three.
+
+Expert-parallel seam: :func:`make_expert_fn` returns an
+``expert_fn(params, x_sorted [N, D], group_sizes [E]) -> [N, D]`` (rows sorted by
+expert, padding rows after ``sum(group_sizes)``), the interface of
+:func:`modjax.parallel.expert_parallel.expert_parallel_apply`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from modjax.kernels import grouped_matmul as gm
+from modjax.routing.types import Routing
+from modjax.typing import Array, PyTree
+
+#: activation name -> names of its input projections (each [..., D, F]).
+ACTIVATIONS: dict[str, tuple[str, ...]] = {
+    "swiglu": ("wi_gate", "wi_up"),
+    "gelu": ("wi",),
+}
+STRATEGIES = ("dropless", "capacity", "einsum")
+
+
+def _check_activation(activation: str) -> tuple[str, ...]:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return ACTIVATIONS[activation]
+
+
+def _hidden(activation: str, proj: dict[str, Array]) -> Array:
+    if activation == "swiglu":
+        gate = proj["wi_gate"].astype(jnp.float32)
+        return (jax.nn.silu(gate) * proj["wi_up"].astype(jnp.float32)).astype(proj["wi_up"].dtype)
+    h = proj["wi"]
+    return jax.nn.gelu(h.astype(jnp.float32), approximate=True).astype(h.dtype)
+
+
+def check_ffn_params(params: PyTree, activation: str, *, experts: bool) -> tuple[int, int]:
+    """Validate FFN (or expert FFN) params; returns ``(D, F)``."""
+    names = _check_activation(activation)
+    expected = set(names) | {"wo"}
+    if not isinstance(params, dict) or set(params) != expected:
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"{activation} params must have keys {sorted(expected)}, got {got}")
+    nd = 3 if experts else 2
+    shapes = {k: v.shape for k, v in params.items()}
+    if any(len(s) != nd for s in shapes.values()):
+        raise ValueError(f"params must all be rank {nd}, got shapes {shapes}")
+    d, f = params[names[0]].shape[-2:]
+    for n in names:
+        if params[n].shape[-2:] != (d, f):
+            raise ValueError(f"params[{n!r}] must be [..., {d}, {f}], got {shapes}")
+    if params["wo"].shape[-2:] != (f, d):
+        raise ValueError(f"params['wo'] must be [..., {f}, {d}] (F, D), got {shapes['wo']}")
+    if experts and len({s[0] for s in shapes.values()}) != 1:
+        raise ValueError(f"expert params must share the leading E axis, got {shapes}")
+    return d, f
+
+
+def ffn(x: Array, params: PyTree, *, activation: str = "swiglu") -> Array:
+    """Dense FFN ``[..., D] -> [..., D]`` in ``x.dtype`` (float32 accumulation)."""
+    names = _check_activation(activation)
+    d, _ = check_ffn_params(params, activation, experts=False)
+    if x.shape[-1] != d:
+        raise ValueError(f"x width {x.shape[-1]} does not match params width D={d}")
+    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
+    proj = {n: dot(x, params[n].astype(x.dtype)).astype(x.dtype) for n in names}
+    return dot(_hidden(activation, proj), params["wo"].astype(x.dtype)).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------
+# grouped expert FFN (the dropless fast path and the expert-parallel seam)
+
+
+def default_block_size() -> int:
+    """Rows per block of the block-padded layout: 128 on GPU, 32 on CPU (less padding)."""
+    return 128 if jax.default_backend() == "gpu" else 32
+
+
+def expert_ffn_blocks(
+    x: Array,
+    params: PyTree,
+    layout: gm.GroupLayout,
+    *,
+    activation: str,
+    block_size: int,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> Array:
+    """Expert FFN on block-padded rows ``[Nb * bs, D]`` (see :func:`gm.sort_to_blocks`)."""
+    names = _check_activation(activation)
+    mm = functools.partial(
+        gm.gmm, layout=layout, block_size=block_size, impl=impl, interpret=interpret
+    )
+    proj = {n: mm(x, params[n].astype(x.dtype)) for n in names}
+    return mm(_hidden(activation, proj), params["wo"].astype(x.dtype))
+
+
+def grouped_ffn(
+    params: PyTree,
+    x: Array,
+    group_sizes: Array,
+    *,
+    activation: str = "swiglu",
+    block_size: int | None = None,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> Array:
+    """Expert FFN on rows sorted by expert: ``[N, D]`` with ``group_sizes [E]`` -> ``[N, D]``.
+
+    The first ``group_sizes[0]`` rows go to expert 0, and so on; rows past
+    ``sum(group_sizes)`` are padding and come back as zeros.
+    """
+    block_size = block_size or default_block_size()
+    n = x.shape[0]
+    num_experts = group_sizes.shape[0]
+    ids = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(n), side="right")
+    valid = ids < num_experts
+    ids = jnp.minimum(ids, num_experts - 1)
+    position, source, layout = gm.sort_to_blocks(ids, num_experts, block_size)
+    xp = jnp.take(x, source, axis=0, mode="fill", fill_value=0)
+    yp = expert_ffn_blocks(
+        xp,
+        params,
+        layout,
+        activation=activation,
+        block_size=block_size,
+        impl=impl,
+        interpret=interpret,
+    )
+    return jnp.where(valid[:, None], yp[position], 0).astype(x.dtype)
+
+
+def make_expert_fn(
+    activation: str = "swiglu", *, block_size: int | None = None, impl: str = "auto"
+) -> Callable[[PyTree, Array, Array], Array]:
+    """``expert_fn(params, x_sorted, group_sizes)`` for expert parallelism (module doc)."""
+    _check_activation(activation)
+    return functools.partial(grouped_ffn, activation=activation, block_size=block_size, impl=impl)
+
+
+# --------------------------------------------------------------------------------------
+# mixture of FFN experts
+
+
+def _check_moe(x: Array, routing: Routing, params: PyTree, activation: str) -> None:
+    if not isinstance(routing, Routing):
+        raise TypeError(f"routing must be a Routing, got {type(routing).__name__}")
+    d, _ = check_ffn_params(params, activation, experts=True)
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"x must be [T, D={d}], got shape {x.shape}")
+    e = params["wo"].shape[0]
+    if routing.num_experts != e:
+        raise ValueError(f"routing has num_experts={routing.num_experts}, params have E={e}")
+    if routing.expert_index.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"routing covers {routing.expert_index.shape[0]} tokens, x has {x.shape[0]}"
+        )
+
+
+def _combine(y_assign: Array, weight: Array, dtype) -> Array:
+    """``[T, K, D]`` expert outputs, ``[T, K]`` weights -> ``[T, D]``."""
+    out = jnp.einsum(
+        "tkd,tk->td", y_assign, weight.astype(y_assign.dtype), preferred_element_type=jnp.float32
+    )
+    return out.astype(dtype)
+
+
+def _dropless(x, routing, params, activation, block_size, impl, interpret):
+    t, k = routing.expert_index.shape
+    ids = routing.expert_index.reshape(-1)
+    position, source, layout = gm.sort_to_blocks(ids, routing.num_experts, block_size)
+    # Padded row p holds token source[p] // K; the fill row (index T) is zeros.
+    xp = jnp.take(x, source // k, axis=0, mode="fill", fill_value=0)
+    yp = expert_ffn_blocks(
+        xp,
+        params,
+        layout,
+        activation=activation,
+        block_size=block_size,
+        impl=impl,
+        interpret=interpret,
+    )
+    return _combine(yp[position].reshape(t, k, -1), routing.weight, x.dtype)
+
+
+def _batched_expert_ffn(xb: Array, params: PyTree, activation: str) -> Array:
+    """``[E, C, D] -> [E, C, D]``: every expert on its own buffer."""
+    names = ACTIVATIONS[activation]
+    ein = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    proj = {n: ein("ecd,edf->ecf", xb, params[n].astype(xb.dtype)).astype(xb.dtype) for n in names}
+    h = _hidden(activation, proj)
+    return ein("ecf,efd->ecd", h, params["wo"].astype(xb.dtype)).astype(xb.dtype)
+
+
+def _capacity(x, routing, params, activation):
+    t, k = routing.expert_index.shape
+    e, c = routing.num_experts, routing.buffer_capacity()
+    flat = routing.expert_index * c + routing.slot
+    flat = jnp.where(routing.kept & (routing.slot < c), flat, e * c).reshape(-1)
+    token = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
+    source = jnp.full((e * c + 1,), t, jnp.int32).at[flat].set(token)[: e * c]
+    xb = jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(e, c, -1)
+    yb = _batched_expert_ffn(xb, params, activation).reshape(e * c, -1)
+    y_assign = jnp.take(yb, flat, axis=0, mode="fill", fill_value=0)
+    return _combine(y_assign.reshape(t, k, -1), routing.weight, x.dtype)
+
+
+def _einsum(x, routing, params, activation):
+    dense = routing.to_dense()
+    dispatch = dense.dispatch.astype(x.dtype)
+    xb = jnp.einsum("tec,td->ecd", dispatch, x, preferred_element_type=jnp.float32)
+    yb = _batched_expert_ffn(xb.astype(x.dtype), params, activation)
+    y = jnp.einsum(
+        "tec,ecd->td", dense.combine.astype(x.dtype), yb, preferred_element_type=jnp.float32
+    )
+    return y.astype(x.dtype)
+
+
+def moe_ffn(
+    x: Array,
+    routing: Routing,
+    params: PyTree,
+    *,
+    activation: str = "swiglu",
+    strategy: str = "dropless",
+    impl: str = "auto",
+    block_size: int | None = None,
+    interpret: bool = False,
+) -> Array:
+    """Mixture of FFN experts ``[T, D] -> [T, D]`` by one of ``STRATEGIES`` (module doc).
+
+    Args:
+      x: ``[T, D]`` tokens in the compute dtype.
+      routing: a :class:`Routing` over E experts, K choices per token.
+      params: expert FFN params with a leading E axis (module doc); cast to ``x.dtype``.
+      activation: ``"swiglu"`` or ``"gelu"``.
+      strategy: ``"dropless"``, ``"capacity"`` or ``"einsum"``.
+      impl: grouped-matmul implementation for ``"dropless"`` (see
+        :func:`modjax.kernels.grouped_matmul.gmm`).
+      block_size: rows per block for ``"dropless"`` (default :func:`default_block_size`).
+      interpret: run Pallas kernels in interpret mode.
+
+    Returns:
+      ``[T, D]`` in ``x.dtype``.
+    """
+    _check_moe(x, routing, params, activation)
+    if strategy == "dropless":
+        return _dropless(
+            x, routing, params, activation, block_size or default_block_size(), impl, interpret
+        )
+    if strategy == "capacity":
+        return _capacity(x, routing, params, activation)
+    if strategy == "einsum":
+        return _einsum(x, routing, params, activation)
+    raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+
+
+def moe_ffn_reference(x: Array, routing: Routing, params: PyTree, *, activation="swiglu"):
+    """Slow twin of :func:`moe_ffn`: every expert on every token, masked by the routing."""
+    _check_moe(x, routing, params, activation)
+    w = routing.dense_weights()
+    y = jnp.zeros(x.shape, jnp.float32)
+    for e in range(routing.num_experts):
+        pe = {n: p[e] for n, p in params.items()}
+        y = y + w[:, e : e + 1] * ffn(x, pe, activation=activation).astype(jnp.float32)
+    return y.astype(x.dtype)
