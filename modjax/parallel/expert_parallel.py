@@ -233,11 +233,14 @@ def expert_parallel_apply(
         return y, stats
 
     stat_specs = ExpertParallelStats(P(), P(), P(), P())
-    y, stats = jax.shard_map(
-        local,
-        mesh=mesh,
-        in_specs=(token_spec, token_spec, token_spec, token_spec, param_specs),
-        out_specs=(token_spec, stat_specs),
+    # jit: eager shard_map would dispatch op by op (slow); under an outer jit it inlines.
+    y, stats = jax.jit(
+        jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(token_spec, token_spec, token_spec, token_spec, param_specs),
+            out_specs=(token_spec, stat_specs),
+        )
     )(x, routing.expert_index, routing.weight, routing.kept, expert_params)
     if overflow == "error":
         jax.debug.callback(_raise_on_overflow, stats.overflow, stats.max_pair_load, buffer_size)
