@@ -101,8 +101,9 @@ def ffn(x: Array, params: PyTree, *, activation: str = "swiglu") -> Array:
 
 
 def default_block_size() -> int:
-    """Rows per block of the block-padded layout: 128 on GPU, 32 on CPU (less padding)."""
-    return 128 if jax.default_backend() == "gpu" else 32
+    """Rows per block of the block-padded layout (128: a tensor-core tile on GPU; on CPU
+    smaller blocks waste fewer padding rows but run slower matmuls, measured a wash)."""
+    return 128
 
 
 def expert_ffn_blocks(

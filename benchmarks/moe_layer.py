@@ -1,0 +1,214 @@
+"""Time a SwiGLU MoE expert layer against a dense SwiGLU FFN of the same active FLOPs.
+
+One run times, on the same shape and inputs: ``dense`` (FFN of width k*F), ``einsum``
+(GShard one-hot dispatch, capacity factor 1.25), ``capacity`` (gather/scatter, capacity
+factor 1.25), ``ragged_dot`` (jax.lax.ragged_dot on the sorted rows) and ``dropless``
+(modjax's default path, ``impl="auto"``), forward and forward+backward (gradients of
+inputs, expert weights and routing weights). Active FLOPs: forward ``6*T*k*D*F``,
+forward+backward three times that. Also reports XLA's temporary memory of each compiled
+function and a skewed routing (80% of tokens to experts 0 and 1).
+
+Usage:
+  PYTHONPATH=. python benchmarks/moe_layer.py --preset gpu     # bf16 shapes of the issue
+  PYTHONPATH=. python benchmarks/moe_layer.py --preset cpu     # float32 CPU shapes
+  PYTHONPATH=. python benchmarks/moe_layer.py --shape 4096,256,512,8,2 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from modjax.computation import ffn as ffn_lib
+from modjax.routing.types import Routing
+
+PRESETS = {
+    "gpu": [
+        ("small", 8192, 512, 2048, 16, 2),
+        ("olmoe", 16384, 2048, 1024, 64, 8),
+        ("mixtral", 16384, 4096, 14336, 8, 2),
+    ],
+    "cpu": [
+        ("cpu-a", 2048, 256, 1024, 16, 2),
+        ("cpu-b", 2048, 256, 256, 64, 8),
+    ],
+}
+CAPACITY_FACTOR = 1.25
+
+
+def make_routing(logits, k, capacity=None):
+    """Top-k softmax routing with slots in choice-major priority (a stand-in router)."""
+    t, e = logits.shape
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    weight, index = jax.lax.top_k(probs, k)
+    index = index.astype(jnp.int32)
+    one_hot = jax.nn.one_hot(index.T.reshape(-1), e, dtype=jnp.int32)
+    slot = (jnp.cumsum(one_hot, 0) - 1)[jnp.arange(t * k), index.T.reshape(-1)]
+    slot = slot.reshape(k, t).T.astype(jnp.int32)
+    kept = jnp.ones_like(index, bool) if capacity is None else slot < capacity
+    weight = jnp.where(kept, weight, 0.0)
+    return Routing(index, weight, kept, slot, probs, e, capacity)
+
+
+def make_logits(key, t, e, skewed):
+    logits = jax.random.normal(key, (t, e), jnp.float32)
+    if skewed:
+        hot = jax.random.uniform(jax.random.fold_in(key, 1), (t,)) < 0.8
+        logits = logits.at[:, :2].add(jnp.where(hot, 20.0, 0.0)[:, None])
+    return logits
+
+
+def ragged_dot_moe(x, routing, params):
+    t, k = routing.expert_index.shape
+    ids = routing.expert_index.reshape(-1)
+    order = jnp.argsort(ids, stable=True)
+    sizes = jnp.zeros((routing.num_experts,), jnp.int32).at[ids].add(1)
+    xs = x[order // k]
+    dt = x.dtype
+    rd = lambda a, w: jax.lax.ragged_dot(a, w.astype(dt), sizes, preferred_element_type=jnp.float32)
+    h = jax.nn.silu(rd(xs, params["wi_gate"])) * rd(xs, params["wi_up"])
+    ys = rd(h.astype(dt), params["wo"]).astype(dt)
+    inv = jnp.zeros_like(order).at[order].set(jnp.arange(t * k))
+    y = ys[inv].reshape(t, k, -1)
+    return jnp.einsum("tkd,tk->td", y, routing.weight.astype(dt)).astype(dt)
+
+
+def build(method, t, k, e, dtype):
+    capacity = math.ceil(CAPACITY_FACTOR * t * k / e)
+
+    def fwd(x, logits, params):
+        if method == "dense":
+            return ffn_lib.ffn(x, params, activation="swiglu")
+        cap = capacity if method in ("einsum", "capacity") else None
+        routing = make_routing(logits, k, cap)
+        if method == "ragged_dot":
+            return ragged_dot_moe(x, routing, params)
+        return ffn_lib.moe_ffn(x, routing, params, strategy=method)
+
+    def loss(x, logits, params):
+        return jnp.sum(fwd(x, logits, params).astype(jnp.float32) ** 2)
+
+    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+
+
+def make_inputs(key, t, d, f, e, k, dtype, dense):
+    ks = jax.random.split(key, 4)
+    x = jax.random.normal(ks[0], (t, d), dtype)
+    lead = () if dense else (e,)
+    width = k * f if dense else f
+    init = lambda kk, shape, fan: (jax.random.normal(kk, shape, jnp.float32) / fan**0.5).astype(
+        dtype
+    )
+    params = {
+        "wi_gate": init(ks[1], (*lead, d, width), d),
+        "wi_up": init(ks[2], (*lead, d, width), d),
+        "wo": init(ks[3], (*lead, width, d), width),
+    }
+    return x, params
+
+
+def time_fn(fn, args, iters, warmup=3):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times)) * 1e3
+
+
+def temp_bytes(fn, args):
+    try:
+        m = fn.lower(*args).compile().memory_analysis()
+        return int(m.temp_size_in_bytes)
+    except Exception:
+        return -1
+
+
+def run_shape(name, t, d, f, e, k, dtype, methods, iters, log):
+    key = jax.random.PRNGKey(0)
+    flops = 6 * t * k * d * f
+    rows = []
+    dense_ms = {}
+    cases = [(m, False) for m in methods] + [("dropless", True)]
+    for method, skewed in cases:
+        x, params = make_inputs(key, t, d, f, e, k, dtype, method == "dense")
+        logits = make_logits(jax.random.fold_in(key, 7), t, e, skewed)
+        fwd, grad = build(method, t, k, e, dtype)
+        args = (x, logits, params)
+        res = {}
+        for mode, fn, mult in (("fwd", fwd, 1), ("fwd+bwd", grad, 3)):
+            try:
+                ms = time_fn(fn, args, iters)
+                mem = temp_bytes(fn, args)
+            except Exception as err:
+                log(f"{name} {method} {mode}: failed: {type(err).__name__}: {str(err)[:200]}")
+                ms, mem = float("nan"), -1
+            res[mode] = (ms, mult * flops / ms / 1e9, mem)
+            if method == "dense":
+                dense_ms[mode] = ms
+        label = method + (" (skewed 80%->2)" if skewed else "")
+        rows.append((label, res))
+        log(f"{name} {label}: {res}")
+    lines = [
+        f"\n### {name}: T={t} D={d} F={f} E={e} k={k} {jnp.dtype(dtype).name}\n",
+        "| method | fwd ms | fwd TFLOP/s | fwd ratio | fwd+bwd ms | fwd+bwd TFLOP/s "
+        "| fwd+bwd ratio | temp MiB fwd / fwd+bwd |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, res in rows:
+        (fm, ft, fmem), (bm, bt, bmem) = res["fwd"], res["fwd+bwd"]
+        lines.append(
+            f"| {label} | {fm:.3f} | {ft:.1f} | {dense_ms['fwd'] / fm:.2f} | {bm:.3f} | "
+            f"{bt:.1f} | {dense_ms['fwd+bwd'] / bm:.2f} | "
+            f"{fmem / 2**20:.0f} / {bmem / 2**20:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=sorted(PRESETS))
+    p.add_argument("--shape", help="T,D,F,E,k (instead of a preset)")
+    p.add_argument("--only", help="comma-separated preset shape names to run")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on gpu, float32 else")
+    p.add_argument(
+        "--methods", default="dense,einsum,capacity,ragged_dot,dropless", help="comma list"
+    )
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--out", help="also append the tables to this file")
+    a = p.parse_args()
+    dtype = jnp.dtype(a.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
+    if a.shape:
+        shapes = [("custom", *map(int, a.shape.split(",")))]
+    else:
+        shapes = PRESETS[a.preset or ("gpu" if jax.default_backend() == "gpu" else "cpu")]
+    if a.only:
+        shapes = [s for s in shapes if s[0] in a.only.split(",")]
+    methods = a.methods.split(",")
+    if "dense" not in methods:
+        methods = ["dense", *methods]
+    header = (
+        f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax "
+        f"{jax.__version__}, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, "
+        f"median of {a.iters} calls after 3 warm-up"
+    )
+    tables = [header]
+    for shape in shapes:
+        tables.append(run_shape(*shape, dtype, methods, a.iters, print))
+    text = "\n".join(tables)
+    print(text)
+    if a.out:
+        with open(a.out, "a") as fh:
+            fh.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,158 @@
+"""Grouped matmul kernels vs a per-row numpy reference: values and gradients.
+
+Set ``MODJAX_GPU_TESTS=1`` on a GPU machine to also run the compiled Pallas kernels
+(bf16 inputs, bf16 tolerances) instead of only interpret mode.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from modjax.kernels import grouped_matmul as gm
+
+GPU = os.environ.get("MODJAX_GPU_TESTS") == "1"
+# Interpret mode runs the Pallas kernels' Python on CPU; compiled Triton needs a GPU.
+INTERPRET = not GPU
+IMPLS = ["reference", "xla", "pallas"]
+
+
+def _ids(rng, m, g, kind):
+    if kind == "random":
+        return rng.integers(0, g, m)
+    if kind == "skewed":  # 80% of rows to groups 0 and 1
+        ids = rng.integers(0, g, m)
+        hot = rng.random(m) < 0.8
+        return np.where(hot, rng.integers(0, 2, m), ids)
+    if kind == "empty":  # groups 1 and g-1 get nothing
+        ids = rng.integers(0, g, m)
+        return np.where((ids == 1) | (ids == g - 1), 0, ids)
+    if kind == "one":
+        return np.full(m, g // 2)
+    raise AssertionError(kind)
+
+
+def _setup(seed, m, k, n, g, bs, kind, dtype=jnp.float32, transpose=False):
+    rng = np.random.default_rng(seed)
+    ids = _ids(rng, m, g, kind)
+    pos, src, layout = gm.sort_to_blocks(jnp.asarray(ids), g, bs)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    w = rng.normal(size=(g, n, k) if transpose else (g, k, n)).astype(np.float32)
+    return ids, pos, src, layout, jnp.asarray(x, dtype), jnp.asarray(w, dtype)
+
+
+def _tol(dtype):
+    return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+
+
+def test_sort_to_blocks_layout():
+    rng = np.random.default_rng(0)
+    m, g, bs = 61, 7, 8
+    ids = _ids(rng, m, g, "empty")
+    pos, src, layout = gm.sort_to_blocks(jnp.asarray(ids), g, bs)
+    pos, src = np.asarray(pos), np.asarray(src)
+    bg, gs = np.asarray(layout.block_group), np.asarray(layout.group_start)
+    assert len(set(pos.tolist())) == m
+    np.testing.assert_array_equal(src[pos], np.arange(m))
+    assert (src[np.setdiff1d(np.arange(len(src)), pos)] == m).all()
+    # Every row sits in a block of its own group; groups are contiguous and in order.
+    np.testing.assert_array_equal(bg[pos // bs], ids)
+    counts = np.bincount(ids, minlength=g)
+    np.testing.assert_array_equal(np.diff(gs), -(-counts // bs))
+    # Stable: rows keep their order inside each group.
+    for e in range(g):
+        assert (np.diff(pos[ids == e]) > 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("kind", ["random", "skewed", "empty", "one"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_gmm_values_and_grads(impl, kind, transpose):
+    # Sizes that are multiples of no block or tile size.
+    m, k, n, g, bs = 53, 40, 24, 5, 16
+    dtype = jnp.bfloat16 if GPU else jnp.float32
+    ids, pos, src, layout, x, w = _setup(1, m, k, n, g, bs, kind, dtype, transpose)
+
+    def fast(x, w):
+        xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+        kw = dict(block_size=bs, transpose_rhs=transpose, impl=impl, interpret=INTERPRET)
+        return gm.gmm(xp, w, layout, **kw)[pos]
+
+    def ref(x, w):
+        wr = jnp.swapaxes(w, 1, 2) if transpose else w
+        x32, w32 = x.astype(jnp.float32), wr.astype(jnp.float32)
+        return jnp.einsum("mk,mkn->mn", x32, w32[ids], precision="highest")
+
+    out = jax.jit(fast)(x, w)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(np.float32(out), ref(x, w), **_tol(dtype))
+    ct = jnp.asarray(np.random.default_rng(2).normal(size=out.shape), jnp.float32)
+    gf = jax.grad(lambda x, w: jnp.sum(fast(x, w).astype(jnp.float32) * ct), (0, 1))(x, w)
+    gr = jax.grad(lambda x, w: jnp.sum(ref(x, w) * ct), (0, 1))(x, w)
+    for a, b in zip(gf, gr):
+        assert a.dtype == dtype
+        scale = float(jnp.abs(b).max())
+        np.testing.assert_allclose(np.float32(a) / scale, np.float32(b) / scale, **_tol(dtype))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gmm_unused_blocks_are_zero(impl):
+    ids, pos, src, layout, x, w = _setup(3, 20, 16, 16, 6, 16, "one")
+    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0) + 1.0  # padding rows nonzero
+    out = gm.gmm(xp, w, layout, block_size=16, impl=impl, interpret=True)
+    used = int(layout.group_start[-1]) * 16
+    assert used < out.shape[0]
+    assert (np.asarray(out[used:]) == 0).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_tgmm_matches_reference_with_empty_groups(impl):
+    m, k, n, g, bs = 45, 24, 40, 6, 16
+    ids, pos, src, layout, x, _ = _setup(4, m, k, n, g, bs, "empty")
+    dy = jnp.asarray(np.random.default_rng(5).normal(size=(m, n)), jnp.float32)
+    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+    dyp = jnp.take(dy, src, axis=0, mode="fill", fill_value=0)
+    out = gm.tgmm(xp, dyp, layout, block_size=bs, impl=impl, interpret=True)
+    ref = np.zeros((g, k, n), np.float32)
+    for i in range(m):
+        ref[ids[i]] += np.outer(np.asarray(x[i]), np.asarray(dy[i]))
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    assert (np.asarray(out[1]) == 0).all() and (np.asarray(out[g - 1]) == 0).all()
+
+
+@pytest.mark.skipif(not GPU, reason="compiled Pallas kernels need a GPU (MODJAX_GPU_TESTS=1)")
+@pytest.mark.parametrize("kind", ["random", "skewed"])
+def test_pallas_compiled_bf16_large(kind):
+    m, k, n, g, bs = 4000, 512, 768, 8, 128
+    ids, pos, src, layout, x, w = _setup(6, m, k, n, g, bs, kind, jnp.bfloat16)
+    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+    fast = jax.jit(lambda x, w: gm.gmm(x, w, layout, block_size=bs, impl="pallas"))
+    ref = jax.jit(lambda x, w: gm.gmm(x, w, layout, block_size=bs, impl="reference"))
+    a, b = np.float32(fast(xp, w)), np.float32(ref(xp, w))
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
+    ta = gm.tgmm(xp, xp, layout, block_size=bs, impl="pallas")
+    tb = gm.tgmm(xp, xp, layout, block_size=bs, impl="reference")
+    assert np.linalg.norm(ta - tb) / np.linalg.norm(tb) < 1e-2
+
+
+def test_bad_inputs_raise():
+    ids, pos, src, layout, x, w = _setup(7, 20, 16, 8, 4, 16, "random")
+    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+    with pytest.raises(ValueError, match="x width 16 does not match"):
+        gm.gmm(xp, jnp.zeros((4, 12, 8)), layout, block_size=16)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        gm.gmm(xp, w, layout, block_size=16, impl="cuda")
+    with pytest.raises(ValueError, match="x dtype must be one of"):
+        gm.gmm(xp.astype(jnp.int32), w, layout, block_size=16)
+    with pytest.raises(ValueError, match="block_size must be a positive int"):
+        gm.gmm(xp, w, layout, block_size=0)
+    with pytest.raises(ValueError, match="w has 3 groups"):
+        gm.gmm(xp, w[:3], layout, block_size=16)
+    with pytest.raises(ValueError, match="rows; block-padded layout needs"):
+        gm.gmm(xp[:-1], w, layout, block_size=16)
+    pos24, src24, layout24 = gm.sort_to_blocks(jnp.zeros((20,), jnp.int32), 4, 24)
+    xp24 = jnp.zeros((layout24.num_blocks * 24, 16))
+    with pytest.raises(ValueError, match="power of two >= 16 for the Pallas kernels, got 24"):
+        gm.gmm(xp24, w, layout24, block_size=24, impl="pallas", interpret=True)
