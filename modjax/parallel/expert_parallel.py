@@ -153,6 +153,7 @@ def expert_parallel_apply(
     capacity_factor: float | None = None,
     buffer_size: int | None = None,
     overflow: str = "count",
+    check_vma: bool = True,
 ) -> tuple[Array, ExpertParallelStats]:
     """``y[t] = sum_k weight[t, k] * expert_fn_{expert_index[t, k]}(x[t])`` with experts split
     over devices; tokens travel by all-to-all (see the module docstring).
@@ -173,6 +174,10 @@ def expert_parallel_apply(
       buffer_size: explicit rows per destination (overrides ``capacity_factor``).
       overflow: ``"count"``: assignments that do not fit contribute zero and are counted
         in the stats; ``"error"``: any overflow raises at run time.
+      check_vma: ``jax.shard_map``'s check of which values vary over which mesh axes;
+        turn off only for an ``expert_fn`` whose loops are not vma-typed (gradients
+        stay correct: tokens and experts enter sharded and parameters' gradients are
+        summed over the axes they are replicated on either way).
 
     Returns:
       ``(y [T, D] in x.dtype, ExpertParallelStats)``.
@@ -240,6 +245,7 @@ def expert_parallel_apply(
             mesh=mesh,
             in_specs=(token_spec, token_spec, token_spec, token_spec, param_specs),
             out_specs=(token_spec, stat_specs),
+            check_vma=check_vma,
         )
     )(x, routing.expert_index, routing.weight, routing.kept, expert_params)
     if overflow == "error":
