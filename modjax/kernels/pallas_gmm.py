@@ -54,19 +54,26 @@ def _check_block(block_size: int) -> None:
 def _gmm_kernel(bg_ref, gs_ref, x_ref, w_ref, o_ref, *, bk, bn, nk, num_groups, trans):
     b = pl.program_id(0)
     j = pl.program_id(1)
-    g = bg_ref[b]
-    trips = jnp.where(b < gs_ref[num_groups], nk, 0)
+    used = b < gs_ref[num_groups]
 
-    def body(kk, acc):
-        xk = x_ref[:, pl.ds(kk * bk, bk)]
-        if trans:
-            wk = w_ref[g, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)]
-            return acc + plgpu.dot(xk, wk, trans_b=True)
-        wk = w_ref[g, pl.ds(kk * bk, bk), pl.ds(j * bn, bn)]
-        return acc + plgpu.dot(xk, wk)
+    @pl.when(used)
+    def _():
+        g = bg_ref[b]
 
-    acc = jax.lax.fori_loop(0, trips, body, jnp.zeros(o_ref.shape, jnp.float32))
-    o_ref[...] = acc.astype(o_ref.dtype)
+        def body(kk, acc):
+            xk = x_ref[:, pl.ds(kk * bk, bk)]
+            if trans:
+                wk = w_ref[g, pl.ds(j * bn, bn), pl.ds(kk * bk, bk)]
+                return acc + plgpu.dot(xk, wk, trans_b=True)
+            wk = w_ref[g, pl.ds(kk * bk, bk), pl.ds(j * bn, bn)]
+            return acc + plgpu.dot(xk, wk)
+
+        acc = jax.lax.fori_loop(0, nk, body, jnp.zeros(o_ref.shape, jnp.float32))
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+    @pl.when(jnp.logical_not(used))
+    def _():
+        o_ref[...] = jnp.zeros(o_ref.shape, o_ref.dtype)
 
 
 def gmm(
@@ -113,15 +120,20 @@ def gmm(
 
 def _tgmm_kernel(gs_ref, x_ref, dy_ref, o_ref, *, bm, bk, bn):
     g = pl.program_id(0)
-    i = pl.program_id(1)
+    i_k = pl.program_id(1)
     j = pl.program_id(2)
 
-    def body(b, acc):
-        xb = x_ref[pl.ds(b * bm, bm), pl.ds(i * bk, bk)]
+    start = gs_ref[g]
+    count = gs_ref[g + 1] - start
+
+    # A literal lower bound and an int32 upper bound lower to a pipelined scf.for.
+    def body(i, acc):
+        b = start + i
+        xb = x_ref[pl.ds(b * bm, bm), pl.ds(i_k * bk, bk)]
         db = dy_ref[pl.ds(b * bm, bm), pl.ds(j * bn, bn)]
         return acc + plgpu.dot(xb, db, trans_a=True)
 
-    acc = jax.lax.fori_loop(gs_ref[g], gs_ref[g + 1], body, jnp.zeros(o_ref.shape, jnp.float32))
+    acc = jax.lax.fori_loop(0, count, body, jnp.zeros(o_ref.shape, jnp.float32))
     o_ref[...] = acc
 
 
