@@ -1,0 +1,309 @@
+"""Pieces shared by the model families: RoPE attention, the residual block, the choice of
+each block's FFN (dense, MoE, mixture of modules) and the collection of auxiliary outputs.
+
+Every block returns ``(x, aux)`` with ``aux = {"aux_losses": {name: scalar},
+"metrics": {name: scalar}, "expert_load": [E] or None}``; :func:`collect_aux` sums the
+losses over blocks, averages the metrics and stacks the loads into ``[L_moe, E]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from modjax.layers.ffn import FeedForward, check_float_dtype
+from modjax.sharding import shard_activation
+from modjax.typing import Array, DType
+
+FFN_KINDS = ("dense", "moe", "mixture")
+PLACEMENTS = ("none", "all", "every", "top", "bottom")
+
+
+def _init(stddev: float = 0.02):
+    return nnx.initializers.normal(stddev)
+
+
+def sparse_layer_indices(num_layers: int, placement: str, every: int = 2, count: int = 1):
+    """Indices of the blocks whose FFN is sparse (MoE or mixture).
+
+    Args:
+      num_layers: number of blocks.
+      placement: ``"none"``, ``"all"``, ``"every"`` (blocks ``every-1, 2*every-1, ...``,
+        as in GShard/Switch which make every other FFN sparse), ``"top"`` (the last
+        ``count`` blocks) or ``"bottom"`` (the first ``count``).
+      every: period for ``"every"``; count: number of blocks for ``"top"``/``"bottom"``.
+
+    Returns:
+      A sorted tuple of block indices.
+    """
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"sparse_every must be a positive int, got {every!r}")
+    if not isinstance(count, int) or not 0 <= count <= num_layers:
+        raise ValueError(f"sparse_count must be an int in [0, {num_layers}], got {count!r}")
+    if placement == "none":
+        return ()
+    if placement == "all":
+        return tuple(range(num_layers))
+    if placement == "every":
+        return tuple(i for i in range(num_layers) if (i + 1) % every == 0)
+    if placement == "top":
+        return tuple(range(num_layers - count, num_layers))
+    return tuple(range(count))
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNSpec:
+    """How the blocks' FFNs are built.
+
+    Attributes:
+      d_ff: hidden width F of dense FFNs (and the default expert width).
+      activation: ``"swiglu"`` or ``"gelu"``.
+      sparse: kind of the sparse blocks' FFN: ``"moe"`` or ``"mixture"`` (or
+        ``"dense"`` for an all-dense model).
+      placement, every, count: which blocks are sparse (:func:`sparse_layer_indices`).
+      sparse_kwargs: keyword arguments of the sparse layer (``modjax.layers.moe.MoE``
+        or ``modjax.layers.mixture``'s layer), besides the widths, dtypes and rngs.
+    """
+
+    d_ff: int
+    activation: str = "swiglu"
+    sparse: str = "dense"
+    placement: str = "every"
+    every: int = 2
+    count: int = 1
+    sparse_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.sparse not in FFN_KINDS:
+            raise ValueError(f"ffn kind must be one of {FFN_KINDS}, got {self.sparse!r}")
+        if not isinstance(self.d_ff, int) or self.d_ff < 1:
+            raise ValueError(f"d_ff must be a positive int, got {self.d_ff!r}")
+
+    def kind_of(self, index: int, num_layers: int) -> str:
+        if self.sparse == "dense":
+            return "dense"
+        sparse = sparse_layer_indices(num_layers, self.placement, self.every, self.count)
+        return self.sparse if index in sparse else "dense"
+
+
+def _build_moe(d_model, spec: FFNSpec, dtype, param_dtype, rngs):
+    from modjax.layers.moe import MoE
+
+    kwargs = dict(spec.sparse_kwargs)
+    kwargs.setdefault("d_ff", spec.d_ff)
+    kwargs.setdefault("activation", spec.activation)
+    return MoE(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+
+
+def _build_mixture(d_model, spec: FFNSpec, dtype, param_dtype, rngs):
+    from modjax.layers import mixture
+
+    kwargs = dict(spec.sparse_kwargs)
+    name = kwargs.pop("layer", "MixtureOfAdapters")
+    layer_cls = getattr(mixture, name, None)
+    if layer_cls is None or not isinstance(layer_cls, type):
+        valid = sorted(n for n in getattr(mixture, "__all__", ()) if n[0].isupper())
+        raise ValueError(f"mixture layer must be one of {valid}, got {name!r}")
+    return layer_cls(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **kwargs)
+
+
+def _build_dense(d_model, spec: FFNSpec, dtype, param_dtype, rngs):
+    return FeedForward(
+        d_model, spec.d_ff, activation=spec.activation, dtype=dtype,
+        param_dtype=param_dtype, rngs=rngs,
+    )  # fmt: skip
+
+
+_FFN_BUILDERS = {"dense": _build_dense, "moe": _build_moe, "mixture": _build_mixture}
+
+
+def empty_aux() -> dict[str, Any]:
+    return {"aux_losses": {}, "metrics": {}, "expert_load": None}
+
+
+def _normalize_ffn_output(out) -> tuple[Array, dict[str, Any]]:
+    """``(y, aux)`` from a dense FFN (an array) or a sparse layer's output."""
+    if isinstance(out, jax.Array):
+        return out, empty_aux()
+    fields = getattr(out, "_fields", None)
+    if fields is not None:  # a NamedTuple: (output, aux_losses, metrics, ...)
+        d = out._asdict()
+        y = d.get("output", out[0])
+        aux = {
+            "aux_losses": dict(d.get("aux_losses") or {}),
+            "metrics": dict(d.get("metrics") or {}),
+            "expert_load": d.get("expert_load"),
+        }
+    else:
+        y, extra = out
+        aux = {
+            "aux_losses": dict(extra.get("aux_losses") or {}),
+            "metrics": dict(extra.get("metrics") or {}),
+            "expert_load": extra.get("expert_load"),
+        }
+    if aux["expert_load"] is None:
+        aux["expert_load"] = aux["metrics"].pop("expert_load", None)
+    return y, aux
+
+
+def collect_aux(auxes: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Sum aux losses over blocks, average metrics, stack expert loads to ``[L_moe, E]``."""
+    losses: dict[str, Array] = {}
+    metrics: dict[str, list[Array]] = {}
+    loads = []
+    for aux in auxes:
+        for k, v in aux["aux_losses"].items():
+            losses[k] = losses.get(k, 0.0) + jnp.asarray(v, jnp.float32)
+        for k, v in aux["metrics"].items():
+            if jnp.ndim(v) == 0:
+                metrics.setdefault(k, []).append(jnp.asarray(v, jnp.float32))
+        if aux.get("expert_load") is not None:
+            loads.append(jnp.asarray(aux["expert_load"], jnp.float32))
+    out = {
+        "aux_losses": losses,
+        "metrics": {k: jnp.mean(jnp.stack(v)) for k, v in metrics.items()},
+    }
+    if loads and len({x.shape for x in loads}) == 1:
+        out["expert_load"] = jnp.stack(loads)
+    return out
+
+
+def rope(x: Array, positions: Array, base: float) -> Array:
+    """Rotary position embedding (Su et al. 2021) of ``x [B, T, H, Dh]`` at ``positions
+    [T]``, rotating the two halves of the head dimension."""
+    half = x.shape[-1] // 2
+    freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angle = positions.astype(jnp.float32)[:, None] * freq[None, :]  # [T, Dh/2]
+    sin, cos = jnp.sin(angle)[None, :, None, :], jnp.cos(angle)[None, :, None, :]
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head self-attention ``[B, T, D] -> [B, T, D]`` through
+    ``jax.nn.dot_product_attention``, with optional RoPE and causal masking.
+
+    Projections are ``nnx.Linear`` (so surgery can wrap them with LoRA) with logical axes
+    ("embed", "heads") and ("heads", "embed").
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        num_heads: int,
+        head_dim: int,
+        *,
+        causal: bool,
+        use_rope: bool,
+        rope_base: float = 10_000.0,
+        implementation: str | None = None,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if use_rope and head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {head_dim}")
+        self.num_heads, self.head_dim = num_heads, head_dim
+        self.causal, self.use_rope, self.rope_base = causal, use_rope, rope_base
+        self.implementation = implementation
+        inner = num_heads * head_dim
+
+        def linear(i, o, axes, std):
+            return nnx.Linear(
+                i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype,
+                kernel_init=_init(std), kernel_metadata={"logical_axes": axes}, rngs=rngs,
+            )  # fmt: skip
+
+        std = d_model**-0.5
+        self.query = linear(d_model, inner, ("embed", "heads"), std)
+        self.key = linear(d_model, inner, ("embed", "heads"), std)
+        self.value = linear(d_model, inner, ("embed", "heads"), std)
+        self.out = linear(inner, d_model, ("heads", "embed"), inner**-0.5)
+
+    def __call__(self, x: Array) -> Array:
+        b, t, _ = x.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        q, k, v = (p(x).reshape(shape) for p in (self.query, self.key, self.value))
+        if self.use_rope:
+            pos = jnp.arange(t)
+            q, k = rope(q, pos, self.rope_base), rope(k, pos, self.rope_base)
+        q, k, v = (shard_activation(a, ("batch", "length", "heads", "head_dim")) for a in (q, k, v))
+        y = jax.nn.dot_product_attention(
+            q, k, v, is_causal=self.causal, implementation=self.implementation
+        )
+        return self.out(y.reshape(b, t, -1))
+
+
+def rms_norm(d_model: int, param_dtype, rngs) -> nnx.RMSNorm:
+    return nnx.RMSNorm(
+        d_model, epsilon=1e-6, param_dtype=param_dtype,
+        scale_metadata={"logical_axes": ("norm",)}, rngs=rngs,
+    )  # fmt: skip
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: ``x + attn(norm(x))`` (when it has attention), then
+    ``x + ffn(norm(x))`` where the FFN is dense, MoE or a mixture of modules."""
+
+    def __init__(
+        self,
+        d_model: int,
+        ffn_kind: str,
+        ffn: FFNSpec,
+        *,
+        attention: Attention | None,
+        dtype: DType = jnp.float32,
+        param_dtype: DType = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if ffn_kind not in _FFN_BUILDERS:
+            raise ValueError(f"ffn kind must be one of {sorted(_FFN_BUILDERS)}, got {ffn_kind!r}")
+        self.ffn_kind = ffn_kind
+        self.attention = attention
+        self.attn_norm = rms_norm(d_model, param_dtype, rngs) if attention is not None else None
+        self.ffn_norm = rms_norm(d_model, param_dtype, rngs)
+        self.ffn = _FFN_BUILDERS[ffn_kind](d_model, ffn, dtype, param_dtype, rngs)
+        self.dtype = dtype
+
+    def __call__(self, x: Array, **ffn_context) -> tuple[Array, dict[str, Any]]:
+        if self.attention is not None:
+            x = x + self.attention(self.attn_norm(x).astype(self.dtype)).astype(x.dtype)
+        h = self.ffn_norm(x).astype(self.dtype)
+        if self.ffn_kind == "dense":
+            y, aux = self.ffn(h), empty_aux()
+        else:
+            y, aux = _normalize_ffn_output(self.ffn(h, **ffn_context))
+        x = x + y.astype(x.dtype)
+        axes = ("batch", "length", "embed") if x.ndim == 3 else ("batch", "embed")
+        return shard_activation(x, axes), aux
+
+
+def resolve_dtypes(dtype, param_dtype) -> tuple[jnp.dtype, jnp.dtype]:
+    return check_float_dtype("dtype", dtype), check_float_dtype("param_dtype", param_dtype)
+
+
+def check_positive(**values):
+    for name, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{name} must be a positive int, got {v!r}")
+
+
+__all__ = [
+    "FFN_KINDS",
+    "PLACEMENTS",
+    "Attention",
+    "Block",
+    "FFNSpec",
+    "collect_aux",
+    "empty_aux",
+    "rope",
+    "sparse_layer_indices",
+]

@@ -1,0 +1,141 @@
+"""Residual MLP for small synthetic tasks: an input projection, pre-norm residual FFN
+blocks (dense, MoE or mixture of modules) and a linear head.
+
+Example:
+  >>> model = MLP(MLPConfig(in_features=16, num_classes=4, d_model=32, d_ff=64),
+  ...             rngs=nnx.Rngs(0))
+  >>> logits, aux = model(jnp.zeros((8, 16)))
+  >>> logits.shape
+  (8, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from modjax.models.blocks import (
+    Block,
+    FFNSpec,
+    _init,
+    check_positive,
+    collect_aux,
+    resolve_dtypes,
+    rms_norm,
+)
+from modjax.typing import Array
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPConfig:
+    """Hyper-parameters of :class:`MLP`.
+
+    Attributes:
+      in_features: width of the (flattened) float input; or, with ``vocab_size > 0``,
+        the number of int tokens per example, embedded and concatenated.
+      num_classes: output width.
+      The remaining fields are as in :class:`~modjax.models.transformer.TransformerConfig`.
+    """
+
+    in_features: int
+    num_classes: int
+    vocab_size: int = 0
+    d_model: int = 128
+    num_layers: int = 2
+    d_ff: int = 256
+    activation: str = "gelu"
+    ffn: str = "dense"
+    sparse_placement: str = "all"
+    sparse_every: int = 2
+    sparse_count: int = 1
+    sparse_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        check_positive(
+            in_features=self.in_features, num_classes=self.num_classes,
+            d_model=self.d_model, num_layers=self.num_layers, d_ff=self.d_ff,
+        )  # fmt: skip
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
+            raise ValueError(f"vocab_size must be an int >= 0, got {self.vocab_size!r}")
+
+    def ffn_spec(self) -> FFNSpec:
+        return FFNSpec(
+            d_ff=self.d_ff, activation=self.activation, sparse=self.ffn,
+            placement=self.sparse_placement, every=self.sparse_every,
+            count=self.sparse_count, sparse_kwargs=dict(self.sparse_kwargs),
+        )  # fmt: skip
+
+
+class MLP(nnx.Module):
+    """``x [B, ...] -> (logits [B, num_classes] float32, aux)``; aux as in
+    :class:`~modjax.models.transformer.TransformerLM`."""
+
+    def __init__(self, config: MLPConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, param_dtype = resolve_dtypes(config.dtype, config.param_dtype)
+        self.dtype = dtype
+        d = config.d_model
+        embed = None
+        in_width = config.in_features
+        if config.vocab_size:
+            embed = nnx.Embed(
+                config.vocab_size, d, dtype=dtype, param_dtype=param_dtype,
+                embedding_init=_init(1.0),
+                embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs,
+            )  # fmt: skip
+            in_width = config.in_features * d
+        self.embed = embed
+        self.input = nnx.Linear(
+            in_width, d, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=_init(in_width**-0.5), kernel_metadata={"logical_axes": (None, "embed")},
+            bias_metadata={"logical_axes": ("embed",)}, rngs=rngs,
+        )  # fmt: skip
+        spec = config.ffn_spec()
+        self.blocks = nnx.List(
+            [
+                Block(
+                    d,
+                    spec.kind_of(i, config.num_layers),
+                    spec,
+                    attention=None,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )  # fmt: skip
+                for i in range(config.num_layers)
+            ]
+        )
+        self.final_norm = rms_norm(d, param_dtype, rngs)
+        self.head = nnx.Linear(
+            d, config.num_classes, dtype=dtype, param_dtype=param_dtype,
+            kernel_init=nnx.initializers.zeros_init(),
+            kernel_metadata={"logical_axes": ("embed", None)}, rngs=rngs,
+        )  # fmt: skip
+
+    def __call__(self, x: Array, **ffn_context) -> tuple[Array, dict[str, Any]]:
+        b = x.shape[0]
+        if self.embed is not None:
+            if not jnp.issubdtype(x.dtype, jnp.integer):
+                raise ValueError(f"inputs must be int tokens when vocab_size > 0, got {x.dtype}")
+            x = self.embed(x)
+        x = x.reshape(b, -1).astype(self.dtype)
+        if x.shape[1] != self.input.in_features:
+            raise ValueError(
+                f"inputs flatten to width {x.shape[1]}, expected {self.input.in_features}"
+            )
+        x = self.input(x)
+        auxes = []
+        for block in self.blocks:
+            x, aux = block(x, **ffn_context)
+            auxes.append(aux)
+        logits = self.head(self.final_norm(x).astype(self.dtype)).astype(jnp.float32)
+        return logits, collect_aux(auxes)
+
+
+__all__ = ["MLP", "MLPConfig"]

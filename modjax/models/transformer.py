@@ -1,0 +1,172 @@
+"""Decoder-only Transformer language model: RoPE, causal attention, pre-norm RMSNorm,
+tied or untied embeddings, and dense / MoE / mixture-of-modules FFNs per block.
+
+Example:
+  >>> cfg = TransformerConfig(vocab_size=64, d_model=32, num_layers=2, num_heads=2,
+  ...                         d_ff=64)
+  >>> model = TransformerLM(cfg, rngs=nnx.Rngs(0))
+  >>> logits, aux = model(jnp.zeros((2, 8), jnp.int32))
+  >>> logits.shape
+  (2, 8, 64)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from modjax.models.blocks import (
+    Attention,
+    Block,
+    FFNSpec,
+    _init,
+    check_positive,
+    collect_aux,
+    resolve_dtypes,
+    rms_norm,
+)
+from modjax.sharding import shard_activation
+from modjax.typing import Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+    """Hyper-parameters of :class:`TransformerLM`.
+
+    Attributes:
+      vocab_size, d_model, num_layers, num_heads: sizes; head_dim defaults to
+        ``d_model // num_heads``.
+      d_ff, activation: the dense FFN (and default expert) width and activation.
+      ffn: ``"dense"``, ``"moe"`` or ``"mixture"``: the kind of the sparse blocks.
+      sparse_placement, sparse_every, sparse_count: which blocks are sparse
+        (see :func:`modjax.models.blocks.sparse_layer_indices`).
+      sparse_kwargs: keyword arguments of the sparse layer (e.g. ``num_experts``, ``k``).
+      tie_embeddings: logits through the transposed input embedding.
+      rope_base: RoPE frequency base; attention_impl: ``None``, ``"xla"`` or ``"cudnn"``.
+      dtype, param_dtype: compute and parameter dtypes.
+    """
+
+    vocab_size: int
+    d_model: int = 128
+    num_layers: int = 2
+    num_heads: int = 4
+    head_dim: int | None = None
+    d_ff: int = 512
+    activation: str = "swiglu"
+    ffn: str = "dense"
+    sparse_placement: str = "every"
+    sparse_every: int = 2
+    sparse_count: int = 1
+    sparse_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    tie_embeddings: bool = True
+    rope_base: float = 10_000.0
+    attention_impl: str | None = None
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self):
+        check_positive(
+            vocab_size=self.vocab_size, d_model=self.d_model, num_layers=self.num_layers,
+            num_heads=self.num_heads, d_ff=self.d_ff,
+        )  # fmt: skip
+        if self.head_dim is None and self.d_model % self.num_heads:
+            raise ValueError(
+                f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
+                "set head_dim"
+            )
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(
+                f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}"
+            )
+
+    @property
+    def resolved_head_dim(self) -> int:
+        return self.head_dim or self.d_model // self.num_heads
+
+    def ffn_spec(self) -> FFNSpec:
+        return FFNSpec(
+            d_ff=self.d_ff, activation=self.activation, sparse=self.ffn,
+            placement=self.sparse_placement, every=self.sparse_every,
+            count=self.sparse_count, sparse_kwargs=dict(self.sparse_kwargs),
+        )  # fmt: skip
+
+
+class TransformerLM(nnx.Module):
+    """``tokens [B, T] int -> (logits [B, T, V] float32, aux)``.
+
+    ``aux = {"aux_losses": {name: scalar summed over blocks}, "metrics": {name: mean over
+    sparse blocks}, "expert_load": [L_moe, E]}`` (the last only with MoE blocks).
+    """
+
+    def __init__(self, config: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype, param_dtype = resolve_dtypes(config.dtype, config.param_dtype)
+        self.dtype = dtype
+        self.embed = nnx.Embed(
+            config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype,
+            embedding_init=_init(1.0), embedding_metadata={"logical_axes": ("vocab", "embed")},
+            rngs=rngs,
+        )  # fmt: skip
+        spec = config.ffn_spec()
+        blocks = []
+        for i in range(config.num_layers):
+            attn = Attention(
+                config.d_model, config.num_heads, config.resolved_head_dim, causal=True,
+                use_rope=True, rope_base=config.rope_base,
+                implementation=config.attention_impl, dtype=dtype,
+                param_dtype=param_dtype, rngs=rngs,
+            )  # fmt: skip
+            kind = spec.kind_of(i, config.num_layers)
+            blocks.append(
+                Block(
+                    config.d_model,
+                    kind,
+                    spec,
+                    attention=attn,
+                    dtype=dtype,
+                    param_dtype=param_dtype,
+                    rngs=rngs,
+                )  # fmt: skip
+            )
+        self.blocks = nnx.List(blocks)
+        self.final_norm = rms_norm(config.d_model, param_dtype, rngs)
+        self.head = (
+            None
+            if config.tie_embeddings
+            else nnx.Linear(
+                config.d_model,
+                config.vocab_size,
+                use_bias=False,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                kernel_init=_init(config.d_model**-0.5),
+                kernel_metadata={"logical_axes": ("embed", "vocab")},
+                rngs=rngs,
+            )  # fmt: skip
+        )
+
+    def __call__(self, tokens: Array, **ffn_context) -> tuple[Array, dict[str, Any]]:
+        if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+            raise ValueError(
+                f"tokens must be an int array [B, T], got {tokens.dtype}{list(tokens.shape)}"
+            )
+        x = self.embed(tokens).astype(self.dtype)
+        x = shard_activation(x, ("batch", "length", "embed"))
+        auxes = []
+        for block in self.blocks:
+            x, aux = block(x, **ffn_context)
+            auxes.append(aux)
+        x = self.final_norm(x)
+        if self.head is None:
+            logits = self.embed.attend(x.astype(self.dtype)) * self.config.d_model**-0.5
+        else:
+            logits = self.head(x.astype(self.dtype))
+        logits = shard_activation(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return logits, collect_aux(auxes)
+
+
+__all__ = ["TransformerConfig", "TransformerLM"]
