@@ -114,3 +114,51 @@ def shard_activation(
         return x
     spec = logical_to_spec(logical_axes, rules, mesh)
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def _is_variable(x) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Variable)
+
+
+def variable_tree(state, fn):
+    """A nested pure dict (the layout of ``nnx.to_pure_dict(state)``) of
+    ``fn(path, variable)`` for every Variable of an ``nnx.State``."""
+
+    def walk(node, path):
+        if _is_variable(node):
+            return fn(path, node)
+        return {k: walk(v, (*path, k)) for k, v in node.items()}
+
+    return walk(state, ())
+
+
+def state_shardings(
+    state,
+    mesh: jax.sharding.Mesh,
+    rules: Mapping[str, str | tuple[str, ...] | None] = DEFAULT_RULES,
+):
+    """NamedShardings of an ``nnx.State``'s Variables from their ``logical_axes``
+    metadata, as a pure dict (Variables without names, or whose sharded axes do not
+    divide, are replicated on that axis)."""
+
+    def sharding(path, v):
+        axes = getattr(v, "logical_axes", None)
+        shape = tuple(getattr(v.get_value(), "shape", ()))
+        if axes is None or len(axes) != len(shape):
+            return NamedSharding(mesh, PartitionSpec())
+        spec = list(logical_to_spec(axes, rules, mesh))
+        for i, entry in enumerate(spec):
+            names = (entry,) if isinstance(entry, str) else tuple(entry or ())
+            size = int(np.prod([mesh.shape[n] for n in names])) if names else 1
+            if shape[i] % size:
+                spec[i] = None
+        return NamedSharding(mesh, PartitionSpec(*spec))
+
+    return variable_tree(state, sharding)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+    """The sharding of an input array ``[B, ...]``: batch over the data-parallel axes."""
+    return NamedSharding(mesh, logical_to_spec(("batch",) + (None,) * (ndim - 1), rules, mesh))

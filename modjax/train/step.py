@@ -1,0 +1,298 @@
+"""The jitted train and eval steps: explicit ``nnx.split``/``nnx.merge``, parameters and
+optimizer state sharded over the mesh by logical axis names, donated state buffers,
+weighted auxiliary losses, aux-loss-free router bias updates outside the optimizer, and
+the non-finite policy (skip the update and count it; or flag it so the loop stops).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from modjax.sharding import DEFAULT_RULES, state_shardings, variable_tree
+from modjax.typing import Array
+
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class TrainState(NamedTuple):
+    """Everything a run carries from step to step (and checkpoints).
+
+    Attributes:
+      step: int32 scalar, updates attempted so far.
+      params: pure dict of ``nnx.Param`` values (all of them; frozen ones get no update).
+      rest: pure dict of the model's other Variables (router biases, module state).
+      opt_state: optax state of the partitioned optimizer.
+      skipped: int32 scalar, updates skipped because loss or gradients were not finite.
+    """
+
+    step: Array
+    params: dict
+    rest: dict
+    opt_state: Any
+    skipped: Array
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """What the model is asked and how it is scored (the ``task`` config section).
+
+    Attributes:
+      name: ``"lm"`` (next-token cross-entropy; targets default to inputs shifted by one)
+        or ``"classification"``.
+      input_key, target_key: batch keys of the model input and the targets
+        (``target_key=""`` for an LM means "shift the inputs").
+      mask_key: optional batch key of a 0/1 loss mask shaped like the targets.
+      context: model keyword argument -> batch key, passed to sparse layers (e.g.
+        ``{"task_ids": "task"}`` for task routing).
+      aux_loss_weights: aux loss name -> weight; every aux loss the model returns needs
+        one (a missing name fails at trace time, listing what the model returns).
+    """
+
+    name: str = "lm"
+    input_key: str = "inputs"
+    target_key: str = "targets"
+    mask_key: str = ""
+    context: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    aux_loss_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.name not in TASK_LOSSES:
+            raise ValueError(f"task name must be one of {sorted(TASK_LOSSES)}, got {self.name!r}")
+
+
+def _cross_entropy(logits, targets, mask):
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    mask = jnp.ones_like(loss) if mask is None else mask.astype(jnp.float32)
+    denom = jnp.maximum(mask.sum(), 1.0)
+    return (loss * mask).sum() / denom, {"accuracy": (correct * mask).sum() / denom}
+
+
+def _model_call(model, batch, task: TaskConfig):
+    if task.input_key not in batch:
+        raise ValueError(f"task.input_key={task.input_key!r} not in batch keys {sorted(batch)}")
+    context = {arg: batch[key] for arg, key in task.context.items()}
+    return model(batch[task.input_key], **context)
+
+
+def lm_loss(model, batch, task: TaskConfig):
+    """Next-token cross-entropy of a causal LM, averaged over (masked) positions."""
+    logits, aux = _model_call(model, batch, task)
+    mask = batch.get(task.mask_key) if task.mask_key else None
+    if task.target_key:
+        targets = batch[task.target_key]
+    else:
+        targets = batch[task.input_key][:, 1:]
+        logits = logits[:, :-1]
+        mask = None if mask is None else mask[:, 1:]
+    loss, metrics = _cross_entropy(logits, targets, mask)
+    return loss, metrics, aux
+
+
+def classification_loss(model, batch, task: TaskConfig):
+    """Softmax cross-entropy of class logits ``[B, classes]`` against int labels ``[B]``."""
+    logits, aux = _model_call(model, batch, task)
+    mask = batch.get(task.mask_key) if task.mask_key else None
+    loss, metrics = _cross_entropy(logits, batch[task.target_key], mask)
+    return loss, metrics, aux
+
+
+TASK_LOSSES: dict[str, Callable] = {"lm": lm_loss, "classification": classification_loss}
+
+
+def weighted_aux_loss(aux_losses: Mapping[str, Array], weights: Mapping[str, float]) -> Array:
+    """``sum_name weights[name] * aux_losses[name]``; a loss without a weight fails."""
+    missing = sorted(set(aux_losses) - set(weights))
+    if missing:
+        raise ValueError(
+            f"task.aux_loss_weights has no weight for aux losses {missing}; the model "
+            f"returns {sorted(aux_losses)} (set a weight, 0.0 to ignore one)"
+        )
+    total = jnp.zeros((), jnp.float32)
+    for name, value in aux_losses.items():
+        total = total + weights[name] * value
+    return total
+
+
+def _router_bias_mask(rest_state: nnx.State) -> dict:
+    try:
+        from modjax.layers.router import RouterBias
+    except ImportError:
+        RouterBias = None
+    return variable_tree(
+        rest_state, lambda p, v: RouterBias is not None and isinstance(v, RouterBias)
+    )
+
+
+def update_router_biases(rest: dict, bias_mask: dict, expert_load: Array | None, rate: float):
+    """Aux-loss-free load balancing (Wang et al. 2024, DeepSeek-V3): each MoE block's
+    router bias moves by ``rate * sign(mean_load - load)``; biases get no gradient.
+
+    The router biases of ``rest`` (flagged by ``bias_mask``) are matched, in tree order,
+    to the rows of ``expert_load [L_moe, E]``.
+    """
+    leaves, treedef = jax.tree.flatten(rest)
+    flags = jax.tree.leaves(bias_mask)
+    idx = [i for i, f in enumerate(flags) if f]
+    if not idx or rate == 0.0:
+        return rest
+    if expert_load is None or expert_load.shape[0] != len(idx):
+        n = None if expert_load is None else expert_load.shape[0]
+        raise ValueError(f"{len(idx)} router biases but expert_load has {n} rows")
+    for row, i in enumerate(idx):
+        load = expert_load[row]
+        step = rate * jnp.sign(load.mean() - load)
+        leaves[i] = (leaves[i] + step.astype(leaves[i].dtype)).astype(leaves[i].dtype)
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _all_finite(tree) -> Array:
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def make_train_step(
+    graphdef,
+    tx: optax.GradientTransformation,
+    task: TaskConfig,
+    *,
+    labels: dict,
+    bias_mask: dict,
+    bias_update_rate: float = 0.0,
+):
+    """A pure ``(state, batch) -> (state, metrics)`` train step (to be jitted).
+
+    Non-finite loss or gradients leave params and optimizer state unchanged and add one
+    to ``state.skipped``; ``metrics["nonfinite"]`` is 1.0 for such a step.
+    """
+    loss_fn_of_task = TASK_LOSSES[task.name]
+    trainable = jax.tree.map(lambda lab: lab != "frozen", labels)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state.rest)
+            loss, metrics, aux = loss_fn_of_task(model, batch, task)
+            aux_total = weighted_aux_loss(aux["aux_losses"], task.aux_loss_weights)
+            new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
+            return loss + aux_total, (loss, metrics, aux, new_rest)
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (total, (loss, metrics, aux, new_rest)), grads = grad_fn(state.params)
+        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & _all_finite(params)
+        new_rest = update_router_biases(
+            new_rest, bias_mask, aux.get("expert_load"), bias_update_rate
+        )
+
+        def keep(new, old):
+            return jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+
+        new_state = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            rest=keep(new_rest, state.rest),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+        out = {
+            "loss": loss,
+            "total_loss": total,
+            "grad_norm": grad_norm,
+            "nonfinite": (~finite).astype(jnp.float32),
+            **metrics,
+            **{f"aux/{k}": v for k, v in aux["aux_losses"].items()},
+            **{f"moe/{k}": v for k, v in aux["metrics"].items()},
+        }
+        if aux.get("expert_load") is not None:
+            out["expert_load"] = aux["expert_load"]
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(graphdef, task: TaskConfig):
+    """A pure ``(state, batch) -> metrics`` eval step (loss, accuracy, aux losses)."""
+    loss_fn_of_task = TASK_LOSSES[task.name]
+
+    def eval_step(state: TrainState, batch: dict) -> dict:
+        model = nnx.merge(graphdef, state.params, state.rest)
+        loss, metrics, aux = loss_fn_of_task(model, batch, task)
+        return {"loss": loss, **metrics, **{f"aux/{k}": v for k, v in aux["aux_losses"].items()}}
+
+    return eval_step
+
+
+def split_model(model: nnx.Module):
+    """``(graphdef, params_state, rest_state)``: ``nnx.Param`` Variables and the rest."""
+    return nnx.split(model, nnx.Param, ...)
+
+
+def init_train_state(
+    model_fn: Callable[[], nnx.Module],
+    tx_fn: Callable[[nnx.State], optax.GradientTransformation],
+    mesh: jax.sharding.Mesh,
+    rules: Mapping = DEFAULT_RULES,
+):
+    """Build the model, shard it over ``mesh`` by logical names and init the optimizer.
+
+    Args:
+      model_fn: builds the model (called under ``jax.eval_shape`` and once for real,
+        inside a jit with sharded outputs, so parameters are born sharded).
+      tx_fn: the optimizer from the abstract params state (for partition labels).
+
+    Returns:
+      ``(graphdef, state, tx, shardings)`` where ``shardings`` is the TrainState of
+      NamedShardings.
+    """
+    abstract = nnx.eval_shape(model_fn)
+    graphdef, abs_params, abs_rest = split_model(abstract)
+    tx = tx_fn(abs_params)
+    param_sh = state_shardings(abs_params, mesh, rules)
+    rest_sh = state_shardings(abs_rest, mesh, rules)
+    replicated = jax.sharding.NamedSharding(mesh, jax.P())
+
+    def init():
+        _, params, rest = split_model(model_fn())
+        params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+        params = jax.lax.with_sharding_constraint(params, param_sh)
+        return params, rest
+
+    with jax.set_mesh(mesh):
+        params, rest = jax.jit(init, out_shardings=(param_sh, rest_sh))()
+        opt_state = jax.jit(tx.init)(params)
+    opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
+
+    def zero():
+        return jax.device_put(jnp.zeros((), jnp.int32), replicated)
+
+    state = TrainState(step=zero(), params=params, rest=rest, opt_state=opt_state, skipped=zero())
+    shardings = TrainState(
+        step=replicated, params=param_sh, rest=rest_sh, opt_state=opt_sh, skipped=replicated
+    )
+    return graphdef, state, tx, shardings
+
+
+__all__ = [
+    "NONFINITE_POLICIES",
+    "TASK_LOSSES",
+    "TaskConfig",
+    "TrainState",
+    "classification_loss",
+    "init_train_state",
+    "lm_loss",
+    "make_eval_step",
+    "make_train_step",
+    "split_model",
+    "update_router_biases",
+    "weighted_aux_loss",
+]
