@@ -24,8 +24,19 @@ from jax.experimental.pallas import triton as plgpu
 
 from modjax.typing import Array
 
-#: Default tiles (bk: contracting, bn: output columns) and launch settings; tuned on H200.
-TILES = {"bk": 64, "bn": 128, "num_warps": 8, "num_stages": 4}
+#: Tiles (bk: contracting, bn: output columns) and launch settings of ``gmm``, and of
+#: ``tgmm`` (``t_*``); picked from a short sweep on H200 (benchmarks/RESULTS.md). tgmm
+#: keeps 3 stages: 4 stages of two 128x128 bf16 tiles exceed Hopper's shared memory.
+TILES = {
+    "bk": 64,
+    "bn": 128,
+    "num_warps": 8,
+    "num_stages": 4,
+    "t_bk": 128,
+    "t_bn": 128,
+    "t_num_warps": 8,
+    "t_num_stages": 3,
+}
 
 
 def _pow2_at_most(n: int, cap: int) -> int:
@@ -150,8 +161,8 @@ def tgmm(
     _check_block(block_size)
     t = {**TILES, **(tiles or {})}
     k, n = x.shape[1], dy.shape[1]
-    bk = _pow2_at_most(k, t["bn"])
-    bn = _pow2_at_most(n, t["bn"])
+    bk = _pow2_at_most(k, t["t_bk"])
+    bn = _pow2_at_most(n, t["t_bn"])
     xp = _pad_to(x, 1, bk)
     dyp = _pad_to(dy, 1, bn)
     g = layout.num_groups
@@ -161,7 +172,9 @@ def tgmm(
         grid=(g, xp.shape[1] // bk, dyp.shape[1] // bn),
         in_specs=[pl.no_block_spec, pl.no_block_spec, pl.no_block_spec],
         out_specs=pl.BlockSpec((None, bk, bn), lambda g, i, j: (g, i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=t["num_warps"], num_stages=t["num_stages"]),
+        compiler_params=plgpu.CompilerParams(
+            num_warps=t["t_num_warps"], num_stages=t["t_num_stages"]
+        ),
         interpret=interpret,
         name="modjax_tgmm",
     )(layout.group_start, xp, dyp)
