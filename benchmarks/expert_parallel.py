@@ -176,7 +176,7 @@ def main() -> None:
     t_layer = _timeit(forward, x, router_w, params, repeats=a.repeats)
     t_step = _timeit(step, router_w, params, x, repeats=a.repeats)
 
-    axes = token_axes(mesh)
+    axes = tuple(dict.fromkeys((*token_axes(mesh), "expert")))
 
     def exchanges(buf):
         for _ in range(4):

@@ -191,7 +191,10 @@ def expert_parallel_apply(
     for a in batch_axes:
         if a not in mesh.shape:
             raise ValueError(f"batch_axes entry {a!r} is not a mesh axis of {dict(mesh.shape)}")
-    if mesh.shape[expert_axis] > 1 and expert_axis not in batch_axes:
+    if mesh.shape[expert_axis] == 1 and expert_axis not in batch_axes:
+        # The all-to-alls make the outputs vary over the (size-1) expert axis: name it.
+        batch_axes = (*batch_axes, expert_axis)
+    if expert_axis not in batch_axes:
         raise ValueError(
             f"batch_axes={batch_axes} must include expert_axis {expert_axis!r}: tokens are "
             "split over the expert axis too"

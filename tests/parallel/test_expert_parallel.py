@@ -174,6 +174,20 @@ def test_overflow_error_policy_raises():
     assert int(jax.block_until_ready(s.overflow)) == 0
 
 
+@pytest.mark.parametrize("devices", [8, 1])
+def test_mesh_without_expert_axis_runs_locally(devices):
+    """expert=1: no exchange across devices, still equal to the reference."""
+    mesh = make_mesh(data=devices, devices=jax.devices()[:devices])
+    x, router_w, ffn, _ = _inputs()
+    routing = _top_k(x, router_w)
+    fn = make_ffn_expert_fn()
+    y, s = expert_parallel_apply(x, routing, fn, ffn, mesh=mesh)
+    np.testing.assert_allclose(
+        np.asarray(y), np.asarray(expert_parallel_reference(x, routing, fn, ffn)), **TOL
+    )
+    assert int(s.assignments) == T * K and int(s.overflow) == 0
+
+
 def test_all_tokens_to_one_expert_is_dropless_by_default():
     mesh = make_mesh(expert=8)
     x, _, ffn, _ = _inputs()
