@@ -54,10 +54,11 @@ def prepend_prompt(
     """
     if x.ndim != 3:
         raise ValueError(f"x must be [B, T, D], got shape {x.shape}")
-    if prompt.ndim == 2:
+    given = prompt.shape
+    if prompt.ndim == 2 and prompt.shape[1] == x.shape[2]:
         prompt = jnp.broadcast_to(prompt[None], (x.shape[0], *prompt.shape))
     if prompt.ndim != 3 or prompt.shape[0] != x.shape[0] or prompt.shape[2] != x.shape[2]:
-        raise ValueError(f"prompt must be [P, D] or [B, P, D] for x {x.shape}, got {prompt.shape}")
+        raise ValueError(f"prompt must be [P, D] or [B, P, D] for x {x.shape}, got {given}")
     if mask is not None and mask.shape != x.shape[:2]:
         raise ValueError(f"mask must be [B, T] = {x.shape[:2]}, got {mask.shape}")
     out = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
