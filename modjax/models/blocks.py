@@ -273,14 +273,16 @@ class Block(nnx.Module):
         self.ffn = _FFN_BUILDERS[ffn_kind](d_model, ffn, dtype, param_dtype, rngs)
         self.dtype = dtype
 
-    def __call__(self, x: Array, **ffn_context) -> tuple[Array, dict[str, Any]]:
+    def __call__(
+        self, x: Array, *, train: bool = False, **ffn_context
+    ) -> tuple[Array, dict[str, Any]]:
         if self.attention is not None:
             x = x + self.attention(self.attn_norm(x).astype(self.dtype)).astype(x.dtype)
         h = self.ffn_norm(x).astype(self.dtype)
         if self.ffn_kind == "dense":
             y, aux = self.ffn(h), empty_aux()
         else:
-            y, aux = _normalize_ffn_output(self.ffn(h, **ffn_context))
+            y, aux = _normalize_ffn_output(self.ffn(h, train=train, **ffn_context))
         x = x + y.astype(x.dtype)
         axes = ("batch", "length", "embed") if x.ndim == 3 else ("batch", "embed")
         return shard_activation(x, axes), aux

@@ -176,7 +176,9 @@ class EncoderClassifier(nnx.Module):
         x = images.reshape(b, n, p, n, p, c.channels).transpose(0, 1, 3, 2, 4, 5)
         return x.reshape(b, n * n, p * p * c.channels).astype(self.dtype)
 
-    def __call__(self, inputs: Array, **ffn_context) -> tuple[Array, dict[str, Any]]:
+    def __call__(
+        self, inputs: Array, *, train: bool = False, **ffn_context
+    ) -> tuple[Array, dict[str, Any]]:
         c = self.config
         if c.input_kind == "tokens":
             if inputs.ndim != 2 or inputs.shape[1] > c.max_len:
@@ -191,7 +193,7 @@ class EncoderClassifier(nnx.Module):
         x = shard_activation(x.astype(self.dtype), ("batch", "length", "embed"))
         auxes = []
         for block in self.blocks:
-            x, aux = block(x, **ffn_context)
+            x, aux = block(x, train=train, **ffn_context)
             auxes.append(aux)
         x = self.final_norm(x)
         pooled = x[:, 0] if self.cls is not None else x.mean(axis=1)

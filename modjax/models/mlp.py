@@ -118,7 +118,9 @@ class MLP(nnx.Module):
             kernel_metadata={"logical_axes": ("embed", None)}, rngs=rngs,
         )  # fmt: skip
 
-    def __call__(self, x: Array, **ffn_context) -> tuple[Array, dict[str, Any]]:
+    def __call__(
+        self, x: Array, *, train: bool = False, **ffn_context
+    ) -> tuple[Array, dict[str, Any]]:
         b = x.shape[0]
         if self.embed is not None:
             if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -132,7 +134,7 @@ class MLP(nnx.Module):
         x = self.input(x)
         auxes = []
         for block in self.blocks:
-            x, aux = block(x, **ffn_context)
+            x, aux = block(x, train=train, **ffn_context)
             auxes.append(aux)
         logits = self.head(self.final_norm(x).astype(self.dtype)).astype(jnp.float32)
         return logits, collect_aux(auxes)

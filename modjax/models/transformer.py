@@ -149,7 +149,9 @@ class TransformerLM(nnx.Module):
             )  # fmt: skip
         )
 
-    def __call__(self, tokens: Array, **ffn_context) -> tuple[Array, dict[str, Any]]:
+    def __call__(
+        self, tokens: Array, *, train: bool = False, **ffn_context
+    ) -> tuple[Array, dict[str, Any]]:
         if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
             raise ValueError(
                 f"tokens must be an int array [B, T], got {tokens.dtype}{list(tokens.shape)}"
@@ -158,7 +160,7 @@ class TransformerLM(nnx.Module):
         x = shard_activation(x, ("batch", "length", "embed"))
         auxes = []
         for block in self.blocks:
-            x, aux = block(x, **ffn_context)
+            x, aux = block(x, train=train, **ffn_context)
             auxes.append(aux)
         x = self.final_norm(x)
         if self.head is None:

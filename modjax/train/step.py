@@ -51,8 +51,9 @@ class TaskConfig:
       mask_key: optional batch key of a 0/1 loss mask shaped like the targets.
       context: model keyword argument -> batch key, passed to sparse layers (e.g.
         ``{"task_ids": "task"}`` for task routing).
-      aux_loss_weights: aux loss name -> weight; every aux loss the model returns needs
-        one (a missing name fails at trace time, listing what the model returns).
+      aux_loss_weights: aux loss name -> multiplier of that loss (sparse layers return
+        aux losses already scaled by their own coefficients; a missing name means 1.0,
+        and a name the model does not return fails at trace time, listing those it does).
     """
 
     name: str = "lm"
@@ -75,16 +76,16 @@ def _cross_entropy(logits, targets, mask):
     return (loss * mask).sum() / denom, {"accuracy": (correct * mask).sum() / denom}
 
 
-def _model_call(model, batch, task: TaskConfig):
+def _model_call(model, batch, task: TaskConfig, train: bool):
     if task.input_key not in batch:
         raise ValueError(f"task.input_key={task.input_key!r} not in batch keys {sorted(batch)}")
     context = {arg: batch[key] for arg, key in task.context.items()}
-    return model(batch[task.input_key], **context)
+    return model(batch[task.input_key], train=train, **context)
 
 
-def lm_loss(model, batch, task: TaskConfig):
+def lm_loss(model, batch, task: TaskConfig, train: bool = False):
     """Next-token cross-entropy of a causal LM, averaged over (masked) positions."""
-    logits, aux = _model_call(model, batch, task)
+    logits, aux = _model_call(model, batch, task, train)
     mask = batch.get(task.mask_key) if task.mask_key else None
     if task.target_key:
         targets = batch[task.target_key]
@@ -96,9 +97,9 @@ def lm_loss(model, batch, task: TaskConfig):
     return loss, metrics, aux
 
 
-def classification_loss(model, batch, task: TaskConfig):
+def classification_loss(model, batch, task: TaskConfig, train: bool = False):
     """Softmax cross-entropy of class logits ``[B, classes]`` against int labels ``[B]``."""
-    logits, aux = _model_call(model, batch, task)
+    logits, aux = _model_call(model, batch, task, train)
     mask = batch.get(task.mask_key) if task.mask_key else None
     loss, metrics = _cross_entropy(logits, batch[task.target_key], mask)
     return loss, metrics, aux
@@ -108,16 +109,17 @@ TASK_LOSSES: dict[str, Callable] = {"lm": lm_loss, "classification": classificat
 
 
 def weighted_aux_loss(aux_losses: Mapping[str, Array], weights: Mapping[str, float]) -> Array:
-    """``sum_name weights[name] * aux_losses[name]``; a loss without a weight fails."""
-    missing = sorted(set(aux_losses) - set(weights))
-    if missing:
+    """``sum_name weights.get(name, 1.0) * aux_losses[name]``; a weight for a loss the
+    model does not return fails (a misspelt name would otherwise be silently ignored)."""
+    unknown = sorted(set(weights) - set(aux_losses))
+    if unknown:
         raise ValueError(
-            f"task.aux_loss_weights has no weight for aux losses {missing}; the model "
-            f"returns {sorted(aux_losses)} (set a weight, 0.0 to ignore one)"
+            f"task.aux_loss_weights names aux losses {unknown} that the model does not "
+            f"return; it returns {sorted(aux_losses)}"
         )
     total = jnp.zeros((), jnp.float32)
     for name, value in aux_losses.items():
-        total = total + weights[name] * value
+        total = total + weights.get(name, 1.0) * value
     return total
 
 
@@ -178,7 +180,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state.rest)
-            loss, metrics, aux = loss_fn_of_task(model, batch, task)
+            loss, metrics, aux = loss_fn_of_task(model, batch, task, train=True)
             aux_total = weighted_aux_loss(aux["aux_losses"], task.aux_loss_weights)
             new_rest = nnx.to_pure_dict(nnx.state(model, nnx.Not(nnx.Param)))
             return loss + aux_total, (loss, metrics, aux, new_rest)

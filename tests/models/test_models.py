@@ -1,0 +1,155 @@
+"""Models: shapes, aux outputs, sparse placement, logical axes, a training step each."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from modjax.models import (
+    MLP,
+    EncoderClassifier,
+    EncoderConfig,
+    MLPConfig,
+    TransformerConfig,
+    TransformerLM,
+    make_model,
+    sparse_layer_indices,
+)
+
+MOE = dict(num_experts=4, k=2)
+
+
+def _lm(**kw):
+    cfg = dict(vocab_size=32, d_model=32, num_layers=2, num_heads=2, d_ff=64)
+    cfg.update(kw)
+    return TransformerLM(TransformerConfig(**cfg), rngs=nnx.Rngs(0))
+
+
+def test_sparse_layer_indices():
+    assert sparse_layer_indices(6, "every", every=2) == (1, 3, 5)
+    assert sparse_layer_indices(6, "every", every=3) == (2, 5)
+    assert sparse_layer_indices(6, "top", count=2) == (4, 5)
+    assert sparse_layer_indices(6, "bottom", count=1) == (0,)
+    assert sparse_layer_indices(3, "all") == (0, 1, 2)
+    assert sparse_layer_indices(3, "none") == ()
+    with pytest.raises(ValueError, match="placement"):
+        sparse_layer_indices(3, "middle")
+    with pytest.raises(ValueError, match="sparse_count"):
+        sparse_layer_indices(3, "top", count=4)
+
+
+def test_lm_is_causal_and_shapes():
+    model = _lm()
+    tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 32)
+    logits, aux = model(tokens)
+    assert logits.shape == (2, 10, 32) and logits.dtype == jnp.float32
+    assert aux == {"aux_losses": {}, "metrics": {}}
+    changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % 32)
+    logits2, _ = model(changed)
+    np.testing.assert_allclose(logits[:, :6], logits2[:, :6], atol=1e-5)
+    assert not np.allclose(logits[:, 6:], logits2[:, 6:], atol=1e-5)
+
+
+def test_tied_and_untied_embeddings():
+    tied = nnx.state(_lm(tie_embeddings=True), nnx.Param)
+    untied = nnx.state(_lm(tie_embeddings=False), nnx.Param)
+    assert "head" not in tied and "head" in untied
+    assert untied["head"]["kernel"].logical_axes == ("embed", "vocab")
+
+
+def test_every_param_has_logical_axes():
+    model = _lm(ffn="moe", sparse_kwargs=MOE, sparse_placement="top", sparse_count=1)
+    for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        axes = getattr(v, "logical_axes", None)
+        assert axes is not None and len(axes) == v[...].ndim, path
+
+
+def test_moe_placement_and_aux():
+    model = _lm(num_layers=3, ffn="moe", sparse_kwargs=MOE, sparse_placement="every",
+                sparse_every=2)  # fmt: skip
+    kinds = [b.ffn_kind for b in model.blocks]
+    assert kinds == ["dense", "moe", "dense"]
+    logits, aux = model(jnp.zeros((2, 8), jnp.int32))
+    assert aux["expert_load"].shape == (1, 4)
+    np.testing.assert_allclose(aux["expert_load"].sum(-1), 1.0, rtol=1e-5)
+    assert aux["aux_losses"] and all(v.shape == () for v in aux["aux_losses"].values())
+    bottom = _lm(num_layers=3, ffn="moe", sparse_kwargs=MOE, sparse_placement="bottom",
+                 sparse_count=2)  # fmt: skip
+    assert [b.ffn_kind for b in bottom.blocks] == ["moe", "moe", "dense"]
+    _, aux2 = bottom(jnp.zeros((2, 8), jnp.int32))
+    assert aux2["expert_load"].shape == (2, 4)
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="num_heads"):
+        TransformerConfig(vocab_size=8, d_model=30, num_heads=4)
+    with pytest.raises(ValueError, match="vocab_size"):
+        TransformerConfig(vocab_size=0)
+    with pytest.raises(ValueError, match="ffn kind"):
+        _lm(ffn="sparse")
+    with pytest.raises(ValueError, match="image_size"):
+        EncoderConfig(num_classes=2, input_kind="patches", image_size=10, patch_size=3)
+    with pytest.raises(ValueError, match="model name"):
+        make_model("gpt", {}, rngs=nnx.Rngs(0))
+
+
+def _one_step(model, x, loss_of_logits):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    tx = optax.adam(1e-2)
+    opt = tx.init(params)
+
+    @jax.jit
+    def step(params, opt):
+        def loss_fn(p):
+            logits, aux = nnx.merge(graphdef, p, rest)(x, train=True)
+            return loss_of_logits(logits) + sum(aux["aux_losses"].values())
+
+        loss, g = jax.value_and_grad(loss_fn)(params)
+        upd, opt = tx.update(g, opt, params)
+        return optax.apply_updates(params, upd), opt, loss, optax.global_norm(g)
+
+    losses = []
+    for _ in range(3):
+        params, opt, loss, gnorm = step(params, opt)
+        assert np.isfinite(loss) and gnorm > 0
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+def test_train_step_each_model():
+    tokens = jax.random.randint(jax.random.key(0), (4, 8), 0, 32)
+    ce = lambda labels: (
+        lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, labels).mean()
+    )
+    _one_step(_lm(ffn="moe", sparse_kwargs=MOE), tokens, ce(tokens))
+    enc = EncoderClassifier(
+        EncoderConfig(
+            num_classes=3,
+            input_kind="patches",
+            image_size=8,
+            patch_size=4,
+            channels=1,
+            d_model=16,
+            num_heads=2,
+            d_ff=32,
+            pooling="cls",
+            ffn="moe",
+            sparse_kwargs=MOE,
+            sparse_placement="top",
+        ),  # fmt: skip
+        rngs=nnx.Rngs(0),
+    )
+    labels = jnp.array([0, 1, 2, 1])
+    _one_step(enc, jax.random.normal(jax.random.key(1), (4, 8, 8)), ce(labels))
+    enc_tok = EncoderClassifier(
+        EncoderConfig(
+            num_classes=3, vocab_size=32, max_len=8, d_model=16, num_heads=2, d_ff=32
+        ),  # fmt: skip
+        rngs=nnx.Rngs(0),
+    )
+    _one_step(enc_tok, tokens, ce(labels))
+    mlp = MLP(MLPConfig(in_features=6, num_classes=3, d_model=16, d_ff=32, ffn="moe",
+                        sparse_kwargs=MOE), rngs=nnx.Rngs(0))  # fmt: skip
+    _one_step(mlp, jax.random.normal(jax.random.key(2), (4, 6)), ce(labels))
