@@ -1,8 +1,9 @@
 """Time a SwiGLU MoE expert layer against a dense SwiGLU FFN of the same active FLOPs.
 
 One run times, on the same shape and inputs: ``dense`` (FFN of width k*F), ``einsum``
-(GShard one-hot dispatch, capacity factor 1.25), ``capacity`` (gather/scatter, capacity
-factor 1.25), ``ragged_dot`` (jax.lax.ragged_dot on the sorted rows) and ``dropless``
+(GShard one-hot dispatch, capacity factor 1.25 in groups of 1024 tokens), ``capacity``
+(gather/scatter, same capacity and groups), ``ragged_dot`` (jax.lax.ragged_dot on the
+sorted rows) and ``dropless``
 (modjax's default path, ``impl="auto"``), forward and forward+backward (gradients of
 inputs, expert weights and routing weights). Active FLOPs: forward ``6*T*k*D*F``,
 forward+backward three times that. Also reports XLA's temporary memory of each compiled
@@ -40,6 +41,9 @@ PRESETS = {
     ],
 }
 CAPACITY_FACTOR = 1.25
+#: Tokens per routing group of the capacity-based methods (GShard groups): the one-hot
+#: einsum costs T*E*C*D with C proportional to the group size, so it needs groups.
+GROUP_SIZE = 1024
 
 
 def make_routing(logits, k, capacity=None):
@@ -80,13 +84,23 @@ def ragged_dot_moe(x, routing, params):
 
 
 def build(method, t, k, e, dtype):
-    capacity = math.ceil(CAPACITY_FACTOR * t * k / e)
+    s = min(GROUP_SIZE, t)
+    capacity = math.ceil(CAPACITY_FACTOR * s * k / e)
+
+    def grouped(x, logits, params):
+        def one(xg, lg):
+            r = make_routing(lg, k, capacity)
+            return ffn_lib.moe_ffn(xg, r, params, strategy=method)
+
+        y = jax.vmap(one)(x.reshape(t // s, s, -1), logits.reshape(t // s, s, -1))
+        return y.reshape(t, -1)
 
     def fwd(x, logits, params):
         if method == "dense":
             return ffn_lib.ffn(x, params, activation="swiglu")
-        cap = capacity if method in ("einsum", "capacity") else None
-        routing = make_routing(logits, k, cap)
+        if method in ("einsum", "capacity"):
+            return grouped(x, logits, params)
+        routing = make_routing(logits, k)
         if method == "ragged_dot":
             return ragged_dot_moe(x, routing, params)
         return ffn_lib.moe_ffn(x, routing, params, strategy=method)
