@@ -57,13 +57,18 @@ def _shard_shape(shape: Sequence[int], spec: jax.P, mesh) -> str:
     return "[" + ", ".join(dims) + "]"
 
 
+def _itemsize(dtype) -> int:
+    # jax's extended dtypes (PRNG keys of nnx.Rngs) are no numpy dtypes but know their size.
+    return dtype.itemsize if hasattr(dtype, "itemsize") else np.dtype(dtype).itemsize
+
+
 def _shard_bytes(shape, dtype, spec, mesh) -> int:
     n = 1
     for i, size in enumerate(shape):
         entry = spec[i] if i < len(spec) else None
         axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
         n *= -(-size // math.prod(mesh.shape[a] for a in axes))
-    return n * np.dtype(dtype).itemsize
+    return n * _itemsize(dtype)
 
 
 def _leaves(model_or_state):
@@ -123,14 +128,14 @@ def format_layout(
             raise ValueError(f"parameter {path!r} has shape {shape} but logical_axes {axes}")
         spec = logical_to_spec(axes, rules, mesh)
         nbytes = _shard_bytes(shape, dtype, spec, mesh)
-        total += math.prod(shape) * np.dtype(dtype).itemsize
+        total += math.prod(shape) * _itemsize(dtype)
         per_device += nbytes
         rows.append(
             (
                 path,
                 kind,
                 str(list(shape)),
-                str(np.dtype(dtype)),
+                str(dtype),
                 "-" if axes is None else "(" + ", ".join(str(a) for a in axes) + ")",
                 _spec_str(spec),
                 _shard_shape(shape, spec, mesh),

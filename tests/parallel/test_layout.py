@@ -77,3 +77,20 @@ def test_bad_inputs():
 
     with pytest.raises(ValueError, match="nonsense"):
         format_layout(Unknown(), mesh)
+
+
+def test_rng_keys_and_real_moe_layer():
+    from modjax.layers.moe import MoE
+
+    moe = MoE(16, num_experts=8, d_ff=32, k=2, rngs=nnx.Rngs(0))
+
+    class WithRngs(nnx.Module):
+        def __init__(self):
+            self.rngs = nnx.Rngs(0)
+
+    table = format_layout(WithRngs(), make_mesh(expert=8))
+    assert _cells(table, "rngs/default/key")[3:] == ["key<fry>", "-", "P()", "[]", "8"]
+    table = format_layout(moe, make_mesh(data=2, expert=4))
+    assert _cells(table, "wo")[1:6] == [
+        "ExpertParam", "[8, 32, 16]", "float32", "(expert, expert_mlp, embed)", "P(expert, -, -)"
+    ]  # fmt: skip
