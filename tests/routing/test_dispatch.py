@@ -1,0 +1,92 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from routing_reference import combine_reference, dispatch_reference
+
+from modjax.routing.dispatch import combine, dispatch
+from modjax.routing.expert_choice import expert_choice_routing
+from modjax.routing.soft import soft_moe_routing
+from modjax.routing.top_k import top_k_routing
+
+
+@pytest.mark.parametrize("capacity", [None, 2])
+def test_sparse_dispatch_combine_match_loops(capacity):
+    logits = jax.random.normal(jax.random.key(0), (9, 3))
+    x = jax.random.normal(jax.random.key(1), (9, 5))
+    r = top_k_routing(logits, 2, capacity=capacity)
+    c = r.buffer_capacity()
+    buf = jax.jit(dispatch)(x, r)
+    assert buf.shape == (3, c, 5)
+    args = [np.asarray(a) for a in (r.expert_index, r.slot, r.kept)]
+    np.testing.assert_allclose(buf, dispatch_reference(np.asarray(x), *args, 3, c), rtol=1e-6)
+    out = jnp.tanh(buf) + 1.0
+    y = jax.jit(combine)(out, r)
+    ref = combine_reference(np.asarray(out), *args, np.asarray(r.weight))
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-6)
+    # the sparse path equals the one-hot einsum path of the same decision
+    dense = r.to_dense()
+    np.testing.assert_allclose(dispatch(x, dense), buf, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(combine(out, dense), y, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_dense_path():
+    logits = jax.random.normal(jax.random.key(2), (8, 4))
+    x = jax.random.normal(jax.random.key(3), (8, 3))
+    w = jax.random.normal(jax.random.key(4), (4, 3, 3))
+
+    def layer(x, logits, use_dense):
+        r = top_k_routing(logits, 2, capacity=3)
+        r = r.to_dense() if use_dense else r
+        h = jnp.einsum("ecd,edf->ecf", dispatch(x, r), w)
+        return jnp.sum(combine(jnp.sin(h), r) ** 2)
+
+    gs = jax.grad(layer, argnums=(0, 1))(x, logits, False)
+    gd = jax.grad(layer, argnums=(0, 1))(x, logits, True)
+    for a, b in zip(gs, gd):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert np.abs(np.asarray(gs[1])).sum() > 0
+
+
+def test_dropped_slot_with_nan_output_adds_zero():
+    logits = jnp.zeros((4, 2)).at[:, 0].set(1.0)
+    r = top_k_routing(logits, 1, capacity=1)
+    out = jnp.ones((2, 1, 2)).at[1].set(jnp.nan)  # expert 1 is empty
+    y = combine(out, r)
+    assert np.all(np.isfinite(y))
+    np.testing.assert_allclose(y[1:], 0.0)
+
+
+def test_dense_routing_einsum_and_groups():
+    logits = jax.random.normal(jax.random.key(5), (2, 6, 3, 2))
+    x = jax.random.normal(jax.random.key(6), (2, 6, 4))
+    r = soft_moe_routing(logits)
+    buf = dispatch(x, r)
+    assert buf.shape == (2, 3, 2, 4)
+    d = np.asarray(r.dispatch)
+    ref = np.einsum("gtec,gtd->gecd", d, np.asarray(x))
+    np.testing.assert_allclose(buf, ref, rtol=1e-5, atol=1e-6)
+    y = combine(buf, r)
+    np.testing.assert_allclose(
+        y, np.einsum("gtec,gecd->gtd", np.asarray(r.combine), ref), rtol=1e-5, atol=1e-6
+    )
+    # sparse decisions with a leading group axis
+    r2 = expert_choice_routing(logits.sum(-1), capacity=2)
+    assert dispatch(x, r2).shape == (2, 3, 2, 4)
+    rs = top_k_routing(logits.sum(-1), 1, capacity=2)
+    b = dispatch(x, rs)
+    for g in range(2):
+        args = [np.asarray(a[g]) for a in (rs.expert_index, rs.slot, rs.kept)]
+        np.testing.assert_allclose(
+            b[g], dispatch_reference(np.asarray(x[g]), *args, 3, 2), rtol=1e-6
+        )
+
+
+def test_bad_shapes():
+    r = top_k_routing(jnp.zeros((4, 2)), 1)
+    with pytest.raises(ValueError, match=r"x must have shape \(4,\)"):
+        dispatch(jnp.zeros((5, 3)), r)
+    with pytest.raises(ValueError, match="expert_out"):
+        combine(jnp.zeros((2, 3, 3)), r)
+    with pytest.raises(TypeError, match="routing"):
+        dispatch(jnp.zeros((4, 3)), {"a": 1})
