@@ -10,7 +10,8 @@
 * parallel to a sublayer ``f`` reading its input ``x``: ``f(x) + s * adapter(x)`` (He et
   al. 2022, "Towards a Unified View of Parameter-Efficient Transfer Learning").
 
-Params are a dict ``{"down": [D, R], "down_bias": [R], "up": [R, D], "up_bias": [D]}``.
+Params are a dict ``{"down": [D, R], "down_bias": [R], "up": [R, D], "up_bias": [D]}``
+(a parallel adapter beside a width-changing sublayer may have ``up [R, D_out]``).
 """
 
 from __future__ import annotations
@@ -45,17 +46,20 @@ def check_activation(activation: str):
     return ACTIVATIONS[activation]
 
 
-def check_adapter_params(params: PyTree) -> tuple[int, int]:
-    """Validate adapter params; returns ``(D, R)``."""
+def check_adapter_params(params: PyTree) -> tuple[int, int, int]:
+    """Validate adapter params; returns ``(D_in, R, D_out)`` (``D_out = D_in`` except for
+    a parallel adapter beside a sublayer that changes the width)."""
     if not isinstance(params, dict) or set(params) != set(ADAPTER_KEYS):
         got = sorted(params) if isinstance(params, dict) else type(params).__name__
         raise ValueError(f"adapter params must have keys {sorted(ADAPTER_KEYS)}, got {got}")
-    d, r = params["down"].shape
-    want = {"down": (d, r), "down_bias": (r,), "up": (r, d), "up_bias": (d,)}
     got = {k: tuple(v.shape) for k, v in params.items()}
+    if len(got["down"]) != 2 or len(got["up"]) != 2:
+        raise ValueError(f"adapter down and up must be matrices, got shapes {got}")
+    (d, r), f = got["down"], got["up"][1]
+    want = {"down": (d, r), "down_bias": (r,), "up": (r, f), "up_bias": (f,)}
     if got != want:
         raise ValueError(f"adapter params must have shapes {want}, got {got}")
-    return d, r
+    return d, r, f
 
 
 def bottleneck(x: Array, params: PyTree, activation: str = "relu") -> Array:
@@ -67,10 +71,10 @@ def bottleneck(x: Array, params: PyTree, activation: str = "relu") -> Array:
       activation: a key of ``ACTIVATIONS``.
 
     Returns:
-      ``[..., D]`` in ``x``'s dtype.
+      ``[..., D_out]`` in ``x``'s dtype.
     """
     act = check_activation(activation)
-    d, _ = check_adapter_params(params)
+    d, _, _ = check_adapter_params(params)
     if x.shape[-1] != d:
         raise ValueError(f"x width {x.shape[-1]} does not match adapter width D={d}")
     h = x @ params["down"] + params["down_bias"]
@@ -83,6 +87,9 @@ def sequential_adapter(
 ) -> Array:
     """``h + scale * bottleneck(h)``: an adapter after a sublayer output ``h [..., D]``
     (Houlsby / Pfeiffer placement)."""
+    d, _, f = check_adapter_params(params)
+    if d != f:
+        raise ValueError(f"a sequential adapter must keep the width, got D_in={d}, D_out={f}")
     return h + scale * bottleneck(h, params, activation)
 
 
@@ -90,10 +97,11 @@ def parallel_adapter(
     x: Array, sublayer_out: Array, params: PyTree, activation: str = "relu", scale: float = 1.0
 ) -> Array:
     """``sublayer_out + scale * bottleneck(x)``: an adapter beside a sublayer, reading its
-    input ``x [..., D]`` (He et al. 2022)."""
-    if sublayer_out.shape[-1] != x.shape[-1]:
+    input ``x [..., D_in]``, adding to its output ``[..., D_out]`` (He et al. 2022)."""
+    _, _, f = check_adapter_params(params)
+    if sublayer_out.shape[-1] != f:
         raise ValueError(
-            f"sublayer_out width {sublayer_out.shape[-1]} must equal x width {x.shape[-1]}"
+            f"sublayer_out width {sublayer_out.shape[-1]} must equal adapter D_out={f}"
         )
     return sublayer_out + scale * bottleneck(x, params, activation)
 

@@ -30,6 +30,7 @@ class Adapter(nnx.Module):
       bottleneck_dim: R, the bottleneck width.
       activation: a key of :data:`modjax.computation.adapter.ACTIVATIONS`.
       residual: add the input (True for a sequential adapter, False for a branch).
+      out_features: output width of a non-residual branch (default ``d_model``).
       scale: multiplies the bottleneck branch.
       init_std: std of the down projection; the up projection starts at zero, so a
         residual adapter starts as the identity (Houlsby et al.'s near-identity init).
@@ -43,14 +44,24 @@ class Adapter(nnx.Module):
         *,
         activation: str = "relu",
         residual: bool = True,
+        out_features: int | None = None,
         scale: float = 1.0,
         init_std: float = 1e-2,
         param_dtype: DType = jnp.float32,
         rngs: nnx.Rngs,
     ):
-        for name, v in (("d_model", d_model), ("bottleneck_dim", bottleneck_dim)):
+        out = d_model if out_features is None else out_features
+        for name, v in (
+            ("d_model", d_model),
+            ("bottleneck_dim", bottleneck_dim),
+            ("out_features", out),
+        ):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if residual and out != d_model:
+            raise ValueError(
+                f"a residual adapter keeps the width d_model={d_model}, got out_features={out}"
+            )
         adapter_lib.check_activation(activation)
         self.d_model, self.bottleneck_dim = d_model, bottleneck_dim
         self.activation, self.residual, self.scale = activation, residual, float(scale)
@@ -62,9 +73,9 @@ class Adapter(nnx.Module):
             jnp.zeros((bottleneck_dim,), param_dtype), logical_axes=("rank",)
         )
         self.up = AdapterParam(
-            jnp.zeros((bottleneck_dim, d_model), param_dtype), logical_axes=("rank", "embed")
+            jnp.zeros((bottleneck_dim, out), param_dtype), logical_axes=("rank", "embed")
         )
-        self.up_bias = AdapterParam(jnp.zeros((d_model,), param_dtype), logical_axes=("embed",))
+        self.up_bias = AdapterParam(jnp.zeros((out,), param_dtype), logical_axes=("embed",))
 
     def params_dict(self) -> dict[str, Array]:
         return {k: getattr(self, k)[...] for k in adapter_lib.ADAPTER_KEYS}

@@ -1,0 +1,491 @@
+"""Model surgery: insert modules into any NNX model, freeze the rest, count, merge, save.
+
+Modules are addressed by their path in the model tree, the attribute names and list
+indices joined by ``/`` (``"layers/3/attn/query"``), matched by a glob pattern
+(``"layers/*/attn/[qv]*"``; ``*`` also crosses ``/``), a regex (``regex=True``, matched
+in full) and/or a ``predicate(path, module) -> bool``.
+
+Example ("LoRA of rank 8 on every attention query and value projection", then train only
+the LoRAs):
+  >>> add_lora(model, "*/attn/query", rank=8, rngs=nnx.Rngs(0))
+  >>> add_lora(model, "*/attn/value", rank=8, rngs=nnx.Rngs(1))
+  >>> count_params(model)           # ParamCount(trainable=..., total=...)
+  >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=TRAINABLE)
+  >>> save_module_params(model, "lora.npz")   # only the module parameters
+  >>> merge_and_unload(model)       # back to the base architecture, LoRAs folded in
+
+A module-parameter file loads (:func:`load_module_params`) into a fresh copy of the base
+model after the same surgery.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+import re
+import tempfile
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from modjax.computation import adapter as adapter_lib
+from modjax.computation import sparse as sparse_lib
+from modjax.layers.adapter import Adapter, ParallelAdapter, SequentialAdapter
+from modjax.layers.hypernet import HyperLoRA
+from modjax.layers.ia3 import IA3Scaled
+from modjax.layers.lora import LoRA
+from modjax.layers.params import ModuleParam, ModuleState
+from modjax.layers.prompt import PromptedEmbed, PromptTuning
+from modjax.layers.sparse import SparseDelta
+from modjax.typing import Array
+
+Predicate = Callable[[str, nnx.Module], bool]
+
+#: Filters: what surgery trains, what stays frozen, what a module-parameter file holds.
+TRAINABLE = ModuleParam
+FROZEN = nnx.All(nnx.Param, nnx.Not(ModuleParam))
+MODULE_STATE = nnx.Any(ModuleParam, ModuleState)
+
+#: Wrapper types that surgery inserts; each keeps the wrapped module as ``.base``.
+WRAPPERS = (
+    LoRA,
+    SparseDelta,
+    IA3Scaled,
+    SequentialAdapter,
+    ParallelAdapter,
+    PromptedEmbed,
+    HyperLoRA,
+)
+
+
+class ParamCount(NamedTuple):
+    """Parameter counts (entries, not arrays): trainable (module params) and total."""
+
+    trainable: int
+    total: int
+
+
+def _path_str(path: tuple) -> str:
+    return "/".join(str(k) for k in path)
+
+
+def named_modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
+    """All submodules (not the root) as ``(path, module)``, parents before children."""
+    out = []
+    for path, node in nnx.iter_graph(model):
+        if path and isinstance(node, nnx.Module) and not any(str(k).startswith("_") for k in path):
+            out.append((_path_str(path), node))
+    return sorted(out, key=lambda pm: pm[0].count("/"))
+
+
+def find_modules(
+    model: nnx.Module,
+    pattern: str | None = None,
+    *,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+) -> list[tuple[str, nnx.Module]]:
+    """The submodules whose path matches ``pattern`` and that satisfy ``predicate``.
+
+    Args:
+      model: any NNX module tree.
+      pattern: a glob (``fnmatch``) on the path, or a regex with ``regex=True``;
+        None matches every path.
+      predicate: ``predicate(path, module) -> bool``, applied too.
+      regex: treat ``pattern`` as a regular expression (``re.fullmatch``).
+
+    Raises:
+      ValueError: nothing matches; the message names the pattern and lists a few paths.
+    """
+    if pattern is None and predicate is None:
+        raise ValueError("give a pattern, a predicate or both, got pattern=None, predicate=None")
+    if pattern is not None and not isinstance(pattern, str):
+        raise ValueError(f"pattern must be a string, got {pattern!r}")
+    modules = named_modules(model)
+    if regex and pattern is not None:
+        compiled = re.compile(pattern)
+        match = lambda p: compiled.fullmatch(p) is not None
+    else:
+        match = lambda p: pattern is None or fnmatch.fnmatchcase(p, pattern)
+    found = [(p, m) for p, m in modules if match(p) and (predicate is None or predicate(p, m))]
+    if not found:
+        paths = [p for p, _ in modules]
+        shown = ", ".join(repr(p) for p in paths[:12]) + (" ..." if len(paths) > 12 else "")
+        what = f"pattern {pattern!r}" if pattern is not None else "pattern None"
+        raise ValueError(
+            f"{what} (regex={regex}, predicate={predicate}) matches no module of "
+            f"{type(model).__name__}; available paths include: {shown}"
+        )
+    return found
+
+
+def replace_module(model: nnx.Module, path: str, new: nnx.Module) -> None:
+    """Put ``new`` at ``path`` (attribute or list index) in place of what is there."""
+    keys = path.split("/")
+    parent = model
+    for k in keys[:-1]:
+        parent = parent[int(k)] if isinstance(parent, nnx.List) else getattr(parent, k)
+    last = keys[-1]
+    if isinstance(parent, nnx.List):
+        parent[int(last)] = new
+    else:
+        if not hasattr(parent, last):
+            raise ValueError(f"path {path!r} does not exist in {type(model).__name__}")
+        setattr(parent, last, new)
+
+
+def insert(
+    model: nnx.Module,
+    pattern: str | None,
+    make: Callable[[str, nnx.Module], nnx.Module],
+    *,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+) -> list[str]:
+    """Replace every matching module ``m`` at path ``p`` by ``make(p, m)``, deepest first
+    (so a match inside another match is wrapped before its ancestor). Returns the paths."""
+    found = find_modules(model, pattern, predicate=predicate, regex=regex)
+    for path, module in sorted(found, key=lambda pm: -pm[0].count("/")):
+        replace_module(model, path, make(path, module))
+    return [p for p, _ in found]
+
+
+def _check_rank(rank) -> None:
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"rank must be a positive int, got {rank!r}")
+
+
+def _require_kernel(path: str, module: nnx.Module, pattern) -> None:
+    if not isinstance(getattr(module, "kernel", None), nnx.Variable):
+        raise ValueError(
+            f"pattern {pattern!r} matched {path!r}, a {type(module).__name__} without a "
+            "`kernel`; narrow the pattern to linear/einsum layers"
+        )
+
+
+def add_lora(
+    model: nnx.Module,
+    pattern: str | None,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    rngs: nnx.Rngs,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+    **lora_kwargs,
+) -> list[str]:
+    """Wrap every matching kernel module in a :class:`~modjax.layers.lora.LoRA`.
+
+    A LoRA of rank R on a ``[D, F]`` kernel adds ``R * (D + F)`` trainable parameters.
+    """
+    _check_rank(rank)
+
+    def make(path, m):
+        _require_kernel(path, m, pattern)
+        return LoRA(m, rank, alpha=alpha, rngs=rngs, **lora_kwargs)
+
+    return insert(model, pattern, make, predicate=predicate, regex=regex)
+
+
+def _width(path: str, module: nnx.Module, side: str = "out") -> int:
+    names = ("d_model", "out_features", "features") if side == "out" else ("d_model", "in_features")
+    for name in names:
+        v = getattr(module, name, None)
+        if isinstance(v, int):
+            return v
+    kernel = getattr(module, "kernel", None)
+    if isinstance(kernel, nnx.Variable) and kernel[...].ndim == 2:
+        return kernel[...].shape[-1 if side == "out" else 0]
+    raise ValueError(f"cannot infer d_model of {path!r} ({type(module).__name__}); pass d_model")
+
+
+def add_adapter(
+    model: nnx.Module,
+    pattern: str | None,
+    *,
+    bottleneck_dim: int,
+    placement: str = "sequential",
+    d_model: int | None = None,
+    activation: str = "relu",
+    scale: float = 1.0,
+    rngs: nnx.Rngs,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+) -> list[str]:
+    """Put a bottleneck adapter after (``placement="sequential"``) or beside
+    (``"parallel"``) every matching sublayer. Houlsby = sequential after attention and
+    FFN sublayers, Pfeiffer = sequential after FFN sublayers only (two calls, or one
+    pattern matching both). An adapter adds ``2 * D * R + R + D`` parameters.
+
+    ``d_model`` defaults to the sublayer's ``d_model`` / ``out_features`` / kernel width;
+    a parallel adapter beside a width-changing linear ``[D_in, D_out]`` reads D_in and
+    writes D_out (``D_in * R + R + R * D_out + D_out`` parameters).
+    """
+    if placement not in ("sequential", "parallel"):
+        raise ValueError(f"placement must be 'sequential' or 'parallel', got {placement!r}")
+    adapter_lib.check_activation(activation)
+
+    def make(path, m):
+        d = d_model if d_model is not None else _width(path, m)
+        residual = placement == "sequential"
+        d_in = d if residual or d_model is not None else _width(path, m, "in")
+        ad = Adapter(
+            d_in, bottleneck_dim, activation=activation, residual=residual,
+            out_features=d, scale=scale, rngs=rngs,
+        )  # fmt: skip
+        return SequentialAdapter(m, ad) if residual else ParallelAdapter(m, ad)
+
+    return insert(model, pattern, make, predicate=predicate, regex=regex)
+
+
+def add_ia3(
+    model: nnx.Module,
+    pattern: str | None,
+    *,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+) -> list[str]:
+    """Rescale the output of every matching kernel module by an (IA)^3 vector of its
+    output width (``F`` parameters each, initialised to ones)."""
+
+    def make(path, m):
+        _require_kernel(path, m, pattern)
+        return IA3Scaled(m)
+
+    return insert(model, pattern, make, predicate=predicate, regex=regex)
+
+
+def add_prompt(
+    model: nnx.Module,
+    pattern: str | None,
+    *,
+    prompt_length: int,
+    d_model: int | None = None,
+    rngs: nnx.Rngs,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+) -> list[str]:
+    """Wrap the matching embedding module(s) so that their output starts with a learned
+    prompt of ``prompt_length`` tokens (``P * D`` parameters). The model must extend its
+    attention mask by P (``PromptTuning.extend_mask``)."""
+
+    def make(path, m):
+        d = d_model if d_model is not None else _width(path, m)
+        return PromptedEmbed(m, PromptTuning(prompt_length, d, rngs=rngs))
+
+    return insert(model, pattern, make, predicate=predicate, regex=regex)
+
+
+def add_sparse_delta(
+    model: nnx.Module,
+    pattern: str | None,
+    *,
+    density: float,
+    scores: dict[str, Array] | None = None,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+) -> list[str]:
+    """Give every matching kernel module a sparse trainable delta on the
+    ``round(density * size)`` kernel entries of highest score.
+
+    Args:
+      scores: ``path -> [*kernel.shape]`` scores (e.g. ``|w * grad|`` from
+        :func:`modjax.computation.sparse.saliency_mask`'s criterion, or ``|delta|`` of a
+        dense fine-tuning run); a missing path falls back to the kernel magnitude.
+    """
+    sparse_lib.num_kept(1, density)
+    scores = dict(scores or {})
+
+    def make(path, m):
+        _require_kernel(path, m, pattern)
+        s = scores.pop(path, None)
+        kernel = m.kernel[...]
+        s = jnp.abs(kernel) if s is None else jnp.asarray(s)
+        if s.shape != kernel.shape:
+            raise ValueError(f"scores[{path!r}] must have shape {kernel.shape}, got {s.shape}")
+        return SparseDelta(m, np.asarray(sparse_lib.top_k_mask(s, density)))
+
+    paths = insert(model, pattern, make, predicate=predicate, regex=regex)
+    if scores:
+        raise ValueError(f"scores given for paths that were not matched: {sorted(scores)}")
+    return paths
+
+
+def add_hyper_lora(
+    model: nnx.Module,
+    pattern: str | None,
+    *,
+    rank: int,
+    num_tasks: int,
+    task_dim: int = 16,
+    hidden_dim: int = 32,
+    alpha: float | None = None,
+    rngs: nnx.Rngs,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+) -> list[str]:
+    """Wrap every matching linear in a :class:`~modjax.layers.hypernet.HyperLoRA`."""
+    _check_rank(rank)
+
+    def make(path, m):
+        _require_kernel(path, m, pattern)
+        return HyperLoRA(
+            m, rank, num_tasks=num_tasks, task_dim=task_dim, hidden_dim=hidden_dim,
+            alpha=alpha, rngs=rngs,
+        )  # fmt: skip
+
+    return insert(model, pattern, make, predicate=predicate, regex=regex)
+
+
+def _size(state) -> int:
+    return int(sum(np.prod(v[...].shape) for _, v in nnx.to_flat_state(state)))
+
+
+def count_params(model: nnx.Module, trainable=TRAINABLE) -> ParamCount:
+    """``ParamCount(trainable, total)``: entries of ``trainable``-filtered Variables and of
+    all ``nnx.Param`` (module params included)."""
+    return ParamCount(_size(nnx.state(model, trainable)), _size(nnx.state(model, nnx.Param)))
+
+
+def param_labels(model: nnx.Module, trainable=TRAINABLE) -> dict:
+    """A nested dict of ``"trainable"`` / ``"frozen"``, the structure of
+    ``nnx.to_pure_dict(nnx.state(model, nnx.Param))``: labels for ``optax.multi_transform``
+    (e.g. ``{"trainable": adam, "frozen": optax.set_to_zero()}``)."""
+    t = nnx.state(model, nnx.All(nnx.Param, trainable))
+    t_paths = {k for k, _ in nnx.to_flat_state(t)}
+    labels = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    def walk(d, prefix):
+        return {
+            k: walk(v, (*prefix, k))
+            if isinstance(v, dict)
+            else ("trainable" if (*prefix, k) in t_paths else "frozen")
+            for k, v in d.items()
+        }
+
+    return walk(labels, ())
+
+
+def merge_and_unload(model: nnx.Module) -> list[str]:
+    """Fold every LoRA, sparse delta and (IA)^3 wrapper into its base kernel and put the
+    base back in its place (the model then has its original architecture and computes
+    the same function). Other wrappers (adapters, prompts, hypernetworks) cannot be
+    merged and stay. Returns the unloaded paths."""
+    done = []
+    found = [
+        (p, m) for p, m in named_modules(model) if isinstance(m, LoRA | SparseDelta | IA3Scaled)
+    ]
+    for path, m in sorted(found, key=lambda pm: -pm[0].count("/")):
+        if isinstance(m, LoRA):
+            if not m.merged:
+                m.merge()
+            base = m.base
+        else:
+            base = m.merge()
+        replace_module(model, path, base)
+        done.append(path)
+    return done
+
+
+def unload(model: nnx.Module) -> list[str]:
+    """Remove every inserted wrapper (unmerging merged LoRAs), restoring the base model
+    exactly. Returns the unloaded paths."""
+    found = [(p, m) for p, m in named_modules(model) if isinstance(m, WRAPPERS)]
+    for path, m in sorted(found, key=lambda pm: -pm[0].count("/")):
+        if isinstance(m, LoRA) and m.merged:
+            m.unmerge()
+        replace_module(model, path, m.base)
+    return [p for p, _ in found]
+
+
+def _flat_module_state(model: nnx.Module) -> dict[str, nnx.Variable]:
+    return {_path_str(k): v for k, v in nnx.to_flat_state(nnx.state(model, MODULE_STATE))}
+
+
+def save_module_params(model: nnx.Module, path: str | os.PathLike) -> int:
+    """Save the module parameters and module state (not the base model) to an ``.npz``.
+
+    The write is atomic: a temporary file in the same folder renamed over ``path``.
+    Returns the number of arrays saved. Non-numpy dtypes (bfloat16) are stored as raw
+    unsigned ints of their width and restored on load.
+    """
+    flat = _flat_module_state(model)
+    if not flat:
+        raise ValueError(f"{type(model).__name__} has no module parameters to save")
+    arrays, dtypes = {}, {}
+    for key, var in flat.items():
+        a = np.asarray(jax.device_get(var[...]))
+        dtypes[key] = jnp.dtype(a.dtype).name
+        if a.dtype.kind == "V" or a.dtype.name not in np.sctypeDict:
+            a = a.view(f"u{a.dtype.itemsize}")
+        arrays[key] = a
+    arrays["__dtypes__"] = np.frombuffer(json.dumps(dtypes).encode(), dtype=np.uint8)
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return len(flat)
+
+
+def load_module_params(model: nnx.Module, path: str | os.PathLike) -> None:
+    """Load a file of :func:`save_module_params` into ``model`` (after the same surgery);
+    the key sets and shapes must agree exactly, else a ValueError lists the differences."""
+    flat = _flat_module_state(model)
+    with np.load(os.fspath(path)) as data:
+        dtypes = json.loads(bytes(data["__dtypes__"]).decode())
+        loaded = {k: data[k] for k in data.files if k != "__dtypes__"}
+    missing, unexpected = sorted(set(flat) - set(loaded)), sorted(set(loaded) - set(flat))
+    if missing or unexpected:
+        raise ValueError(
+            f"module parameters in {os.fspath(path)!r} do not fit the model: "
+            f"missing {missing[:8]}, unexpected {unexpected[:8]} (same surgery?)"
+        )
+    for key, var in flat.items():
+        a = loaded[key]
+        dt = jnp.dtype(dtypes[key])
+        a = a.view(dt) if a.dtype != dt else a
+        if a.shape != var[...].shape:
+            raise ValueError(f"{key!r}: file has shape {a.shape}, model has {var[...].shape}")
+        flat[key] = var.replace(jnp.asarray(a, dtype=dt))
+    state = nnx.to_flat_state(nnx.state(model, MODULE_STATE))
+    new = [(k, flat[_path_str(k)]) for k, _ in state]
+    nnx.update(model, nnx.from_flat_state(new))
+
+
+__all__ = [
+    "FROZEN",
+    "MODULE_STATE",
+    "TRAINABLE",
+    "WRAPPERS",
+    "ParamCount",
+    "add_adapter",
+    "add_hyper_lora",
+    "add_ia3",
+    "add_lora",
+    "add_prompt",
+    "add_sparse_delta",
+    "count_params",
+    "find_modules",
+    "insert",
+    "load_module_params",
+    "merge_and_unload",
+    "named_modules",
+    "param_labels",
+    "replace_module",
+    "save_module_params",
+    "unload",
+]

@@ -1,0 +1,282 @@
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from modjax import surgery
+from modjax.computation.sparse import saliency_mask
+from modjax.layers.adapter import SequentialAdapter
+from modjax.layers.lora import LoRA
+from modjax.layers.params import LoRAParam, ModuleParam
+
+V, D, F, L, T = 11, 8, 12, 3, 5
+
+
+class Attention(nnx.Module):
+    def __init__(self, rngs):
+        self.query = nnx.Linear(D, D, rngs=rngs)
+        self.key = nnx.Linear(D, D, rngs=rngs)
+        self.value = nnx.Einsum("btd,dhk->bthk", (D, 2, D // 2), rngs=rngs)
+        self.out = nnx.Einsum("bthk,hkd->btd", (2, D // 2, D), rngs=rngs)
+
+    def __call__(self, x):
+        q, k = self.query(x), self.key(x)
+        w = jax.nn.softmax(q @ k.swapaxes(-1, -2) / np.sqrt(D), axis=-1)
+        return self.out(jnp.einsum("bqk,bkhd->bqhd", w, self.value(x)))
+
+
+class MLP(nnx.Module):
+    def __init__(self, rngs):
+        self.up, self.down = nnx.Linear(D, F, rngs=rngs), nnx.Linear(F, D, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.relu(self.up(x)))
+
+
+class Block(nnx.Module):
+    def __init__(self, rngs):
+        self.attn, self.mlp = Attention(rngs), MLP(rngs)
+
+    def __call__(self, x):
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class Model(nnx.Module):
+    def __init__(self, seed=0):
+        rngs = nnx.Rngs(seed)
+        self.embed = nnx.Embed(V, D, rngs=rngs)
+        self.layers = nnx.List([Block(rngs) for _ in range(L)])
+        self.head = nnx.Linear(D, V, rngs=rngs)
+
+    def __call__(self, tokens):
+        h = self.embed(tokens)
+        for layer in self.layers:
+            h = layer(h)
+        return self.head(h)
+
+
+TOKENS = jnp.array([[1, 2, 3, 4, 5], [6, 7, 8, 9, 10]])
+BASE_TOTAL = V * D + L * (2 * (D * D + D) + 2 * D * D + D * F + F + F * D + D) + D * V + V
+
+
+def _randomize(model, filt, seed=0):
+    state = nnx.state(model, filt)
+    keys = iter(jax.random.split(jax.random.key(seed), 1000))
+    state = jax.tree.map(lambda a: jax.random.normal(next(keys), a.shape, a.dtype), state)
+    nnx.update(model, state)
+
+
+def _forward(model):
+    return nnx.jit(lambda m, t: m(t))(model, TOKENS)
+
+
+def test_lora_on_query_and_value_counts_and_merge():
+    model = Model()
+    y0 = model(TOKENS)
+    assert surgery.count_params(model) == (0, BASE_TOTAL)
+    r = 4
+    paths = surgery.add_lora(model, "layers/*/attn/query", rank=r, rngs=nnx.Rngs(1))
+    paths += surgery.add_lora(model, "layers/*/attn/value", rank=r, rngs=nnx.Rngs(2))
+    assert paths == [f"layers/{i}/attn/{n}" for n in ("query", "value") for i in range(L)]
+    # value is an einsum [D, 2, D/2]: D_out = 2 * D/2 = D
+    trainable = L * 2 * r * (D + D)
+    assert surgery.count_params(model) == (trainable, BASE_TOTAL + trainable)
+    np.testing.assert_allclose(model(TOKENS), y0, atol=1e-6)  # B = 0: starts as the base
+    _randomize(model, LoRAParam)
+    y = _forward(model)
+    assert not np.allclose(y, y0, atol=1e-3)
+    unloaded = surgery.merge_and_unload(model)
+    assert sorted(unloaded) == sorted(paths)
+    assert type(model.layers[0].attn.query) is nnx.Linear
+    assert type(model.layers[2].attn.value) is nnx.Einsum
+    assert surgery.count_params(model) == (0, BASE_TOTAL)
+    np.testing.assert_allclose(_forward(model), y, rtol=1e-4, atol=1e-4)
+
+
+def test_regex_and_predicate_select_the_same():
+    a, b = Model(), Model()
+    pa = surgery.add_lora(a, r"layers/\d+/attn/(query|key)", regex=True, rank=2, rngs=nnx.Rngs(0))
+    pb = surgery.add_lora(
+        b, None, predicate=lambda p, m: isinstance(m, nnx.Linear) and "attn" in p, rank=2,
+        rngs=nnx.Rngs(0),
+    )  # fmt: skip
+    assert sorted(pa) == sorted(pb) and len(pa) == 2 * L
+    assert (
+        surgery.count_params(a)
+        == surgery.count_params(b)
+        == (L * 2 * 2 * 2 * D, BASE_TOTAL + L * 8 * D)
+    )
+
+
+def test_adapter_after_every_ffn_and_parallel():
+    model = Model()
+    y0 = model(TOKENS)
+    r = 3
+    with pytest.raises(ValueError, match="cannot infer d_model of 'layers/0/mlp' \\(MLP\\)"):
+        surgery.add_adapter(model, "layers/*/mlp", bottleneck_dim=r, rngs=nnx.Rngs(0))
+    surgery.add_adapter(model, "layers/*/mlp", bottleneck_dim=r, d_model=D, rngs=nnx.Rngs(0))
+    assert isinstance(model.layers[1].mlp, SequentialAdapter)
+    per = 2 * D * r + r + D
+    assert surgery.count_params(model).trainable == L * per
+    np.testing.assert_allclose(model(TOKENS), y0, atol=1e-6)  # up = 0: identity at init
+    # Houlsby: also after attention; parallel: beside the FFN's first projection
+    surgery.add_adapter(model, "layers/*/attn", bottleneck_dim=r, d_model=D, rngs=nnx.Rngs(1))
+    surgery.add_adapter(
+        model, "*/mlp/base/up", placement="parallel", bottleneck_dim=r, rngs=nnx.Rngs(2)
+    )
+    assert surgery.count_params(model).trainable == 2 * L * per + L * (D * r + r + r * F + F)
+    _randomize(model, ModuleParam)
+    assert _forward(model).shape == (2, T, V)
+    surgery.unload(model)
+    assert type(model.layers[0].mlp) is MLP and type(model.layers[0].mlp.up) is nnx.Linear
+    np.testing.assert_allclose(model(TOKENS), y0, atol=1e-6)
+
+
+def test_prompt_ia3_sparse_counts():
+    model = Model()
+    surgery.add_prompt(model, "embed", prompt_length=3, d_model=D, rngs=nnx.Rngs(0))
+    assert _forward(model).shape == (2, T + 3, V)
+    assert surgery.count_params(model).trainable == 3 * D
+    surgery.add_ia3(model, "layers/*/attn/key")
+    surgery.add_ia3(model, "layers/*/mlp/up")
+    assert surgery.count_params(model).trainable == 3 * D + L * (D + F)
+    surgery.add_sparse_delta(model, "layers/*/mlp/down", density=0.25)
+    assert surgery.count_params(model).trainable == 3 * D + L * (D + F) + L * round(0.25 * F * D)
+
+
+def test_sparse_delta_by_saliency_scores():
+    model = Model()
+    w = model.layers[0].mlp.down.kernel[...]
+    g = jax.random.normal(jax.random.key(0), w.shape)
+    surgery.add_sparse_delta(
+        model, "layers/0/mlp/down", density=0.1, scores={"layers/0/mlp/down": jnp.abs(w * g)}
+    )
+    idx = np.asarray(model.layers[0].mlp.down.indices[...])
+    np.testing.assert_array_equal(idx, np.flatnonzero(saliency_mask(w, g, 0.1)))
+    with pytest.raises(
+        ValueError, match=r"scores given for paths that were not matched: \['nope'\]"
+    ):
+        surgery.add_sparse_delta(Model(), "layers/0/mlp/up", density=0.1, scores={"nope": w})
+
+
+def test_freeze_train_step_changes_only_module_params():
+    model = Model()
+    surgery.add_lora(model, "layers/*/attn/query", rank=2, rngs=nnx.Rngs(1))
+    surgery.add_adapter(model, "layers/*/mlp", bottleneck_dim=2, d_model=D, rngs=nnx.Rngs(2))
+    frozen0 = jax.tree.map(np.asarray, nnx.state(model, surgery.FROZEN))
+    trained0 = jax.tree.map(np.asarray, nnx.state(model, surgery.TRAINABLE))
+    opt = nnx.Optimizer(model, optax.sgd(0.1), wrt=surgery.TRAINABLE)
+
+    @nnx.jit
+    def step(model, opt):
+        loss = lambda m: optax.softmax_cross_entropy_with_integer_labels(m(TOKENS), TOKENS).mean()
+        grads = nnx.grad(loss, argnums=nnx.DiffState(0, surgery.TRAINABLE))(model)
+        opt.update(model, grads)
+
+    step(model, opt)
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model, surgery.FROZEN), frozen0)
+    moved = jax.tree.map(
+        lambda a, b: bool(np.any(a != b)), nnx.state(model, surgery.TRAINABLE), trained0
+    )
+    assert any(jax.tree.leaves(moved))
+    labels = surgery.param_labels(model)
+    flat = jax.tree_util.tree_leaves_with_path(labels)
+    n_train = sum(1 for _, v in flat if v == "trainable")
+    assert n_train == L * 2 + L * 4
+    assert labels["layers"][0]["attn"]["query"]["lora_a"] == "trainable"
+    assert labels["layers"][0]["attn"]["query"]["base"]["kernel"] == "frozen"
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tx = optax.multi_transform({"trainable": optax.sgd(1.0), "frozen": optax.set_to_zero()}, labels)
+    tx.init(params)  # the label tree fits the parameter tree
+
+
+def _full_surgery(model, seed):
+    surgery.add_lora(model, "layers/*/attn/[qv]*", rank=2, rngs=nnx.Rngs(seed))
+    surgery.add_adapter(model, "layers/*/mlp", bottleneck_dim=3, d_model=D, rngs=nnx.Rngs(seed + 1))
+    surgery.add_ia3(model, "layers/*/attn/key")
+    surgery.add_sparse_delta(model, "head", density=0.2)
+    surgery.add_prompt(model, "embed", prompt_length=2, d_model=D, rngs=nnx.Rngs(seed + 2))
+    surgery.add_hyper_lora(model, "layers/0/mlp/base/up", rank=2, num_tasks=2, rngs=nnx.Rngs(seed))
+
+
+def test_save_load_module_params_reproduces_outputs_exactly(tmp_path):
+    src = Model(seed=0)
+    _full_surgery(src, 10)
+    _randomize(src, ModuleParam, seed=3)
+    y = _forward(src)
+    path = tmp_path / "modules.npz"
+    n = surgery.save_module_params(src, path)
+    assert n == len(nnx.to_flat_state(nnx.state(src, surgery.MODULE_STATE)))
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp")]
+    with np.load(path) as data:
+        keys = set(data.files) - {"__dtypes__"}
+    want = {
+        "/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(src, surgery.MODULE_STATE))
+    }
+    assert keys == want and "layers/0/attn/query/lora_a" in keys and "head/indices" in keys
+    assert not [k for k in keys if k.endswith("kernel")]  # the base model is not in the file
+
+    dst = Model(seed=0)  # fresh base model, same surgery, other module inits
+    _full_surgery(dst, 20)
+    assert not np.allclose(_forward(dst), y)
+    surgery.load_module_params(dst, path)
+    np.testing.assert_array_equal(_forward(dst), y)
+
+
+def test_save_load_bfloat16_and_mismatch(tmp_path):
+    src = Model()
+    surgery.add_lora(src, "layers/*/attn/query", rank=2, rngs=nnx.Rngs(0), param_dtype=jnp.bfloat16)
+    _randomize(src, LoRAParam)
+    surgery.save_module_params(src, tmp_path / "m.npz")
+    dst = Model()
+    surgery.add_lora(dst, "layers/*/attn/query", rank=2, rngs=nnx.Rngs(1), param_dtype=jnp.bfloat16)
+    surgery.load_module_params(dst, tmp_path / "m.npz")
+    assert dst.layers[0].attn.query.lora_b[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(_forward(dst), _forward(src))
+    other = Model()
+    surgery.add_lora(other, "layers/*/attn/key", rank=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"missing \['layers/0/attn/key/lora_a'"):
+        surgery.load_module_params(other, tmp_path / "m.npz")
+    wrong_rank = Model()
+    surgery.add_lora(wrong_rank, "layers/*/attn/query", rank=3, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"file has shape \(8, 2\), model has \(8, 3\)"):
+        surgery.load_module_params(wrong_rank, tmp_path / "m.npz")
+    with pytest.raises(ValueError, match="has no module parameters to save"):
+        surgery.save_module_params(Model(), tmp_path / "empty.npz")
+
+
+def test_errors_name_the_value():
+    model = Model()
+    with pytest.raises(
+        ValueError, match=r"pattern '\*/attn/qkv' .*matches no module.*'embed', 'head'"
+    ):
+        surgery.add_lora(model, "*/attn/qkv", rank=4, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="rank must be a positive int, got 0"):
+        surgery.add_lora(model, "*/attn/query", rank=0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="rank must be a positive int, got -2"):
+        surgery.add_hyper_lora(model, "*/attn/query", rank=-2, num_tasks=1, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="matched 'layers/0/attn', a Attention without a `kernel`"):
+        surgery.add_lora(model, "layers/0/attn", rank=2, rngs=nnx.Rngs(0))
+    with pytest.raises(
+        ValueError, match="placement must be 'sequential' or 'parallel', got 'after'"
+    ):
+        surgery.add_adapter(
+            model, "layers/*/mlp", bottleneck_dim=2, placement="after", rngs=nnx.Rngs(0)
+        )
+    assert not any(isinstance(m, LoRA) for _, m in surgery.named_modules(model))
+
+
+def test_nested_matches_wrap_inner_first():
+    model = Model()
+    # "*query*" later also matches the LoRA's own base: wrap deepest first, then outer
+    surgery.add_lora(model, "layers/0/attn/query", rank=2, rngs=nnx.Rngs(0))
+    paths = surgery.add_ia3(
+        model, "layers/0/attn/query*", predicate=lambda p, m: hasattr(m, "kernel")
+    )
+    assert paths == ["layers/0/attn/query/base"]
+    assert isinstance(model.layers[0].attn.query.base, surgery.IA3Scaled)
