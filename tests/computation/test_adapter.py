@@ -68,3 +68,23 @@ def test_bad_inputs():
         adapter.bottleneck(np.ones((2, 6)), {"down": p["down"]})
     with pytest.raises(ValueError, match="must have shapes"):
         adapter.bottleneck(np.ones((2, 6)), {**p, "up_bias": np.ones(5)})
+
+
+def test_parallel_adapter_beside_width_changing_sublayer():
+    rng = np.random.default_rng(8)
+    p = {
+        "down": rng.normal(size=(4, 2)).astype(np.float32),
+        "down_bias": rng.normal(size=(2,)).astype(np.float32),
+        "up": rng.normal(size=(2, 7)).astype(np.float32),
+        "up_bias": rng.normal(size=(7,)).astype(np.float32),
+    }
+    x, f = rng.normal(size=(3, 4)).astype(np.float32), rng.normal(size=(3, 7)).astype(np.float32)
+    np.testing.assert_allclose(
+        adapter.parallel_adapter(x, f, p), f + _np_bottleneck(x, p), rtol=1e-5, atol=1e-5
+    )
+    with pytest.raises(
+        ValueError, match="sequential adapter must keep the width, got D_in=4, D_out=7"
+    ):
+        adapter.sequential_adapter(x, p)
+    with pytest.raises(ValueError, match="sublayer_out width 4 must equal adapter D_out=7"):
+        adapter.parallel_adapter(x, x, p)
