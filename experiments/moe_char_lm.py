@@ -47,7 +47,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     )
     c.task = dict(
         name="lm", input_key="inputs", target_key="targets", mask_key="", context={},
-        aux_loss_weights={},
+        aux_loss_weights={"load_balancing": 0.01, "z_loss": 0.001},
     )  # fmt: skip
     c.optimizer = dict(
         name="adamw",

@@ -51,9 +51,9 @@ class TaskConfig:
       mask_key: optional batch key of a 0/1 loss mask shaped like the targets.
       context: model keyword argument -> batch key, passed to sparse layers (e.g.
         ``{"task_ids": "task"}`` for task routing).
-      aux_loss_weights: aux loss name -> multiplier of that loss (sparse layers return
-        aux losses already scaled by their own coefficients; a missing name means 1.0,
-        and a name the model does not return fails at trace time, listing those it does).
+      aux_loss_weights: aux loss name -> weight; must name exactly the (unweighted)
+        aux losses the model returns (checked at trace time), e.g.
+        ``{"load_balancing": 0.01, "z_loss": 0.001}``.
     """
 
     name: str = "lm"
@@ -109,17 +109,22 @@ TASK_LOSSES: dict[str, Callable] = {"lm": lm_loss, "classification": classificat
 
 
 def weighted_aux_loss(aux_losses: Mapping[str, Array], weights: Mapping[str, float]) -> Array:
-    """``sum_name weights.get(name, 1.0) * aux_losses[name]``; a weight for a loss the
-    model does not return fails (a misspelt name would otherwise be silently ignored)."""
+    """``sum_name weights[name] * aux_losses[name]``.
+
+    Routers return unweighted losses, so every loss the model returns needs a weight (0.0
+    to ignore it), and every weight must name a returned loss: a misspelt name fails at
+    trace time instead of silently training without the loss.
+    """
+    missing = sorted(set(aux_losses) - set(weights))
     unknown = sorted(set(weights) - set(aux_losses))
-    if unknown:
+    if missing or unknown:
         raise ValueError(
-            f"task.aux_loss_weights names aux losses {unknown} that the model does not "
-            f"return; it returns {sorted(aux_losses)}"
+            f"task.aux_loss_weights={dict(weights)} must name exactly the aux losses the "
+            f"model returns, {sorted(aux_losses)} (missing {missing}, unknown {unknown})"
         )
     total = jnp.zeros((), jnp.float32)
     for name, value in aux_losses.items():
-        total = total + weights.get(name, 1.0) * value
+        total = total + weights[name] * value
     return total
 
 
@@ -190,7 +195,7 @@ def make_train_step(
         grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, trainable)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(total) & jnp.isfinite(grad_norm) & _all_finite(params)
         new_rest = update_router_biases(
             new_rest, bias_mask, aux.get("expert_load"), bias_update_rate

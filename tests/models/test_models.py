@@ -18,7 +18,11 @@ from modjax.models import (
     sparse_layer_indices,
 )
 
-MOE = dict(num_experts=4, k=2)
+MOE = dict(num_experts=4, k=2, strategy="einsum")  # the fastest to compile on CPU
+
+
+def _apply(model, x):
+    return nnx.jit(lambda m, x: m(x))(model, x)
 
 
 def _lm(**kw):
@@ -43,11 +47,11 @@ def test_sparse_layer_indices():
 def test_lm_is_causal_and_shapes():
     model = _lm()
     tokens = jax.random.randint(jax.random.key(1), (2, 10), 0, 32)
-    logits, aux = model(tokens)
+    logits, aux = _apply(model, tokens)
     assert logits.shape == (2, 10, 32) and logits.dtype == jnp.float32
     assert aux == {"aux_losses": {}, "metrics": {}}
     changed = tokens.at[:, 6].set((tokens[:, 6] + 1) % 32)
-    logits2, _ = model(changed)
+    logits2, _ = _apply(model, changed)
     np.testing.assert_allclose(logits[:, :6], logits2[:, :6], atol=1e-5)
     assert not np.allclose(logits[:, 6:], logits2[:, 6:], atol=1e-5)
 
@@ -71,14 +75,14 @@ def test_moe_placement_and_aux():
                 sparse_every=2)  # fmt: skip
     kinds = [b.ffn_kind for b in model.blocks]
     assert kinds == ["dense", "moe", "dense"]
-    logits, aux = model(jnp.zeros((2, 8), jnp.int32))
+    logits, aux = _apply(model, jnp.zeros((2, 8), jnp.int32))
     assert aux["expert_load"].shape == (1, 4)
     np.testing.assert_allclose(aux["expert_load"].sum(-1), 1.0, rtol=1e-5)
     assert aux["aux_losses"] and all(v.shape == () for v in aux["aux_losses"].values())
     bottom = _lm(num_layers=3, ffn="moe", sparse_kwargs=MOE, sparse_placement="bottom",
                  sparse_count=2)  # fmt: skip
     assert [b.ffn_kind for b in bottom.blocks] == ["moe", "moe", "dense"]
-    _, aux2 = bottom(jnp.zeros((2, 8), jnp.int32))
+    _, aux2 = _apply(bottom, jnp.zeros((2, 8), jnp.int32))
     assert aux2["expert_load"].shape == (2, 4)
 
 
@@ -108,10 +112,10 @@ def _one_step(model, x, loss_of_logits):
 
         loss, g = jax.value_and_grad(loss_fn)(params)
         upd, opt = tx.update(g, opt, params)
-        return optax.apply_updates(params, upd), opt, loss, optax.global_norm(g)
+        return optax.apply_updates(params, upd), opt, loss, optax.tree.norm(g)
 
     losses = []
-    for _ in range(3):
+    for _ in range(2):
         params, opt, loss, gnorm = step(params, opt)
         assert np.isfinite(loss) and gnorm > 0
         losses.append(float(loss))

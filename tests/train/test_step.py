@@ -1,0 +1,108 @@
+"""Train step on a mesh: loss falls, parameters stay sharded, non-finite updates are
+skipped and counted, aux losses need weights, router biases move toward balance."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from modjax.models import MLP, MLPConfig
+from modjax.sharding import make_mesh
+from modjax.train.loop import global_batch
+from modjax.train.optim import OptimizerConfig, make_optimizer, param_labels
+from modjax.train.step import (
+    TaskConfig,
+    _router_bias_mask,
+    init_train_state,
+    make_train_step,
+    update_router_biases,
+    weighted_aux_loss,
+)
+
+WEIGHTS = {"load_balancing": 0.01, "z_loss": 0.001}
+
+
+def _setup(mesh, *, aux_loss_free=False, weights=WEIGHTS, bias_rate=0.0):
+    sparse = dict(num_experts=4, k=1, strategy="einsum", aux_loss_free=aux_loss_free)
+    cfg = MLPConfig(in_features=8, num_classes=4, d_model=16, d_ff=32, num_layers=2,
+                    ffn="moe", sparse_kwargs=sparse)  # fmt: skip
+    opt = OptimizerConfig(learning_rate=1e-2)
+    model_fn = lambda: MLP(cfg, rngs=nnx.Rngs(0))
+    holder = {}
+
+    def tx_fn(p):
+        holder["labels"] = param_labels(p, opt)
+        return make_optimizer(opt, holder["labels"])
+
+    graphdef, state, tx, sh = init_train_state(model_fn, tx_fn, mesh)
+    _, _, abs_rest = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
+    task = TaskConfig(name="classification", input_key="x", target_key="y",
+                      aux_loss_weights=weights)  # fmt: skip
+    step = make_train_step(graphdef, tx, task, labels=holder["labels"],
+                           bias_mask=_router_bias_mask(abs_rest), bias_update_rate=bias_rate)  # fmt: skip
+    return state, jax.jit(step, donate_argnums=0, out_shardings=(sh, None)), sh
+
+
+def _batch(mesh, n=16, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8)).astype(np.float32)
+    y = (x[:, :4].argmax(-1)).astype(np.int32)
+    return global_batch({"x": x, "y": y}, mesh)
+
+
+def test_loss_falls_sharded_and_nonfinite_skipped():
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    state, step, sh = _setup(mesh)
+    with jax.set_mesh(mesh):
+        batch = _batch(mesh)
+        losses = []
+        for _ in range(15):
+            state, m = step(state, batch)
+            losses.append(float(m["loss"]))
+        assert losses[-1] < 0.7 * losses[0]
+        assert {"aux/load_balancing", "aux/z_loss", "accuracy"} <= set(m)
+        assert m["expert_load"].shape == (2, 4)
+        kernel = state.params["input"]["kernel"]
+        assert kernel.sharding.spec == sh.params["input"]["kernel"].spec
+        assert kernel.sharding.spec == jax.P(None, "fsdp")
+        before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+        bad = dict(batch)
+        bad["x"] = batch["x"].at[0, 0].set(jnp.nan)
+        state, m = step(state, bad)
+        assert float(m["nonfinite"]) == 1.0 and int(state.skipped) == 1
+        assert int(state.step) == 16
+        after = jax.tree.map(np.asarray, (state.params, state.opt_state))
+        jax.tree.map(np.testing.assert_array_equal, before, after)
+        state, m = step(state, batch)
+        assert float(m["nonfinite"]) == 0.0 and int(state.skipped) == 1
+
+
+def test_aux_loss_weights_must_match():
+    with pytest.raises(ValueError, match="missing.*z_loss"):
+        weighted_aux_loss({"z_loss": 1.0, "load_balancing": 1.0}, {"load_balancing": 1.0})
+    with pytest.raises(ValueError, match="unknown.*lb"):
+        weighted_aux_loss({"z_loss": 1.0}, {"z_loss": 1.0, "lb": 1.0})
+    assert float(weighted_aux_loss({"a": 2.0, "b": 3.0}, {"a": 0.5, "b": 0.0})) == 1.0
+
+
+def test_router_bias_update_outside_optimizer():
+    rest = {"a": {"bias": jnp.zeros(3)}, "b": {"other": jnp.ones(2)}, "c": {"bias": jnp.zeros(3)}}
+    mask = {"a": {"bias": True}, "b": {"other": False}, "c": {"bias": True}}
+    load = jnp.array([[0.5, 0.25, 0.25], [1 / 3, 1 / 3, 1 / 3]])
+    out = update_router_biases(rest, mask, load, 0.1)
+    np.testing.assert_allclose(out["a"]["bias"], [-0.1, 0.1, 0.1], rtol=1e-6)
+    np.testing.assert_allclose(out["c"]["bias"], 0.0, atol=1e-6)
+    np.testing.assert_array_equal(out["b"]["other"], 1.0)
+    with pytest.raises(ValueError, match="router biases"):
+        update_router_biases(rest, mask, load[:1], 0.1)
+
+
+def test_aux_loss_free_biases_change_in_step():
+    mesh = make_mesh(data=-1)
+    state, step, _ = _setup(mesh, aux_loss_free=True, bias_rate=0.05)
+    biases = lambda st: [v for v in jax.tree.leaves(st.rest) if v.dtype == jnp.float32]
+    assert len(biases(state)) == 2 and all(float(jnp.abs(b).sum()) == 0 for b in biases(state))
+    with jax.set_mesh(mesh):
+        state, _ = step(state, _batch(mesh))
+    assert all(float(jnp.abs(b).sum()) > 0 for b in biases(state))
