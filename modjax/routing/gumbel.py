@@ -21,7 +21,7 @@ def _straight_through(soft: Array, k: int, capacity: int | None) -> Routing:
         valid = ~jnp.any(jnp.isnan(s), axis=-1)
         _, index = jax.lax.top_k(jnp.where(jnp.isnan(s), -jnp.inf, s), k)
         chosen = jnp.take_along_axis(s, index, axis=-1)
-        weight = 1.0 / k + chosen - jax.lax.stop_gradient(chosen)
+        weight = 1.0 / k + (chosen - jax.lax.stop_gradient(chosen))  # exactly 1/k forward
         return routing_from_choices(index, weight, s, capacity=capacity, valid=valid)
 
     return map_groups(route, soft.ndim - 2, soft)
