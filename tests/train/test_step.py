@@ -39,8 +39,10 @@ def _setup(mesh, *, aux_loss_free=False, weights=WEIGHTS, bias_rate=0.0):
     _, _, abs_rest = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
     task = TaskConfig(name="classification", input_key="x", target_key="y",
                       aux_loss_weights=weights)  # fmt: skip
-    step = make_train_step(graphdef, tx, task, labels=holder["labels"],
-                           bias_mask=_router_bias_mask(abs_rest), bias_update_rate=bias_rate)  # fmt: skip
+    mask = _router_bias_mask(abs_rest)
+    step = make_train_step(
+        graphdef, tx, task, labels=holder["labels"], bias_mask=mask, bias_update_rate=bias_rate
+    )
     return state, jax.jit(step, donate_argnums=0, out_shardings=(sh, None)), sh
 
 
