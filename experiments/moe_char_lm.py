@@ -20,7 +20,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
     tiny = arg == "tiny"
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1)
+    c.mesh = dict(data=-1, fsdp=1, expert=1, tensor=1, num_devices=0)
     seq_len = 64 if tiny else 256
     c.data = dict(
         name="char_lm",

@@ -124,7 +124,10 @@ def build(config, workdir: str, *, log: Callable[[str], None] = print) -> dict[s
     if opt_kwargs.get("decay_steps") == FROM_DATA:
         opt_kwargs["decay_steps"] = max(loop.num_steps - opt_kwargs.get("warmup_steps", 0), 1)
     opt_config = OptimizerConfig(**opt_kwargs)
-    mesh = make_mesh(**to_kwargs(config.mesh))
+    mesh_kwargs = to_kwargs(config.mesh)
+    num_devices = mesh_kwargs.pop("num_devices", 0)  # 0: all devices
+    devices = jax.devices()[:num_devices] if num_devices else None
+    mesh = make_mesh(**mesh_kwargs, devices=devices)
 
     data = to_kwargs(config.data)
     name, batch_size = data.pop("name"), data.pop("batch_size")
@@ -135,7 +138,7 @@ def build(config, workdir: str, *, log: Callable[[str], None] = print) -> dict[s
     nproc = jax.process_count()
     if batch_size % nproc:
         raise ValueError(f"data.batch_size={batch_size} is not divisible by {nproc} processes")
-    seed = int(config.seed) + 1000 * jax.process_index()
+    seed = int(config.seed)  # each process reads its own shard (modjax.data)
     train_data = make_dataset(
         name, split=train_split, batch_size=batch_size // nproc, seed=seed, **data_kwargs
     )
