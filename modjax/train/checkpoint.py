@@ -265,6 +265,10 @@ def save_params(path: str, state: PyTree) -> None:
     arrays, dtypes = {}, {}
     for i, (key_path, leaf) in enumerate(leaves):
         value = _host_array(leaf)
+        if value.dtype.kind == "O":
+            raise ValueError(
+                f"state leaf {_leaf_key(key_path)} is not an array (got {type(leaf).__name__})"
+            )
         dtypes[_leaf_key(key_path)] = value.dtype.name
         if value.dtype.name not in np.sctypeDict:
             # npz cannot describe ml_dtypes (bfloat16, float8): store the raw bytes
