@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from modjax.kernels import grouped_matmul as gm
-from modjax.routing.types import Routing
+from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array, PyTree
 
 #: activation name -> names of its input projections (each [..., D, F]).
@@ -237,13 +237,32 @@ def _capacity(x, routing, params, activation):
 
 def _einsum(x, routing, params, activation):
     dense = routing.to_dense()
-    dispatch = dense.dispatch.astype(x.dtype)
-    xb = jnp.einsum("tec,td->ecd", dispatch, x, preferred_element_type=jnp.float32)
+    return _einsum_dense(x, dense.dispatch, dense.combine, params, activation)
+
+
+def _einsum_dense(x, dispatch, combine, params, activation):
+    xb = jnp.einsum("tec,td->ecd", dispatch.astype(x.dtype), x, preferred_element_type=jnp.float32)
     yb = _batched_expert_ffn(xb.astype(x.dtype), params, activation)
-    y = jnp.einsum(
-        "tec,ecd->td", dense.combine.astype(x.dtype), yb, preferred_element_type=jnp.float32
-    )
+    y = jnp.einsum("tec,ecd->td", combine.astype(x.dtype), yb, preferred_element_type=jnp.float32)
     return y.astype(x.dtype)
+
+
+def moe_ffn_dense_routing(
+    x: Array, routing: DenseRouting, params: PyTree, *, activation: str = "swiglu"
+) -> Array:
+    """Experts from ``[T, E, C]`` dispatch/combine tensors (Soft MoE, expert choice):
+    ``y = combine . FFN_e(dispatch^T x)``, ``[T, D] -> [T, D]``."""
+    if not isinstance(routing, DenseRouting):
+        raise TypeError(f"routing must be a DenseRouting, got {type(routing).__name__}")
+    d, _ = check_ffn_params(params, activation, experts=True)
+    e = params["wo"].shape[0]
+    if x.ndim != 2 or x.shape[1] != d:
+        raise ValueError(f"x must be [T, D={d}], got shape {x.shape}")
+    if routing.dispatch.shape[:2] != (x.shape[0], e):
+        raise ValueError(
+            f"routing.dispatch must be [T={x.shape[0]}, E={e}, C], got {routing.dispatch.shape}"
+        )
+    return _einsum_dense(x, routing.dispatch, routing.combine, params, activation)
 
 
 def moe_ffn(

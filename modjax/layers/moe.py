@@ -2,7 +2,7 @@
 selectable dispatch strategy, and optional always-active shared experts.
 
 ``MoE(x [..., T, D]) -> MoEOutput(output [..., T, D], aux_losses, metrics, expert_load)``.
-Models sum ``aux_losses`` (already scaled by the router's coefficients) into the loss.
+Models weigh and sum ``aux_losses`` (the router's, unweighted) into the loss.
 
 Dispatch (``strategy=``, see :mod:`modjax.computation.ffn`): ``"dropless"`` (default;
 sort + grouped matmuls, MegaBlocks), ``"capacity"`` (gather/scatter into ``[E, C, D]``
@@ -31,7 +31,7 @@ from flax import nnx
 
 from modjax.computation import ffn as ffn_lib
 from modjax.layers.ffn import FeedForward, check_float_dtype
-from modjax.routing.types import Routing
+from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array, DType
 
 MAX_K = 8
@@ -46,9 +46,10 @@ class MoEOutput(NamedTuple):
 
     Attributes:
       output: ``[..., T, D]`` in the layer's compute dtype.
-      aux_losses: name -> float32 scalar, already weighted: add them to the loss.
-      metrics: name -> float32 scalar (router metrics, ``dropped_fraction``, expert-
-        parallel counters when that path ran).
+      aux_losses: name -> float32 scalar from the router (``load_balancing``,
+        ``z_loss``), unweighted: the trainer weighs and sums them into the loss.
+      metrics: name -> float32 array (router metrics, ``dropped_fraction``, and
+        ``ep_overflow`` when the expert-parallel path ran).
       expert_load: float32 ``[E]``: fraction of kept assignments that went to each expert.
     """
 
@@ -87,8 +88,10 @@ class MoE(nnx.Module):
       impl: grouped-matmul implementation for ``"dropless"``.
       block_size: rows per block of the dropless layout (default 128).
       router_strategy, capacity_factor, batch_priority, jitter, aux_loss_free: passed to
-        :class:`modjax.layers.router.Router` (capacity only matters for the
-        capacity-based strategies; the dropless path computes every kept assignment).
+        :class:`modjax.layers.router.Router` (the dropless path computes every kept
+        assignment). Routers that return dense dispatch/combine tensors (``"soft"``,
+        ``"soft_moe"``, ``"expert_choice"``) always run the einsum formulation.
+      router_options: more keyword arguments of the Router (``granularity``, ...).
       dtype: compute dtype of the experts; param_dtype: storage dtype of all weights.
       kernel_init: initializer of one ``[fan_in, fan_out]`` matrix.
       rngs: ``nnx.Rngs``.
@@ -117,14 +120,14 @@ class MoE(nnx.Module):
         batch_priority: bool = False,
         jitter: float = 0.0,
         aux_loss_free: bool = False,
+        router_options: dict[str, Any] | None = None,
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         kernel_init=_DEFAULT_INIT,
         rngs: nnx.Rngs,
     ):
-        from modjax.layers.router import Router
-
         from modjax.kernels.grouped_matmul import IMPLS
+        from modjax.layers.router import Router
 
         for name, v in (("d_model", d_model), ("num_experts", num_experts), ("d_ff", d_ff)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -160,6 +163,7 @@ class MoE(nnx.Module):
             batch_priority=batch_priority,
             jitter=jitter,
             aux_loss_free=aux_loss_free,
+            **(router_options or {}),
             rngs=rngs,
         )
         init = _expert_init(kernel_init)
@@ -169,7 +173,7 @@ class MoE(nnx.Module):
             setattr(self, n, ExpertParam(w, logical_axes=("expert", "embed", "expert_mlp")))
         w = init(rngs.params(), (e, f, d), self.param_dtype)
         self.wo = ExpertParam(w, logical_axes=("expert", "expert_mlp", "embed"))
-        self.shared = None
+        self.shared = nnx.data(None)
         if num_shared_experts:
             width = num_shared_experts * (shared_d_ff or d_ff)
             self.shared = FeedForward(
@@ -187,23 +191,52 @@ class MoE(nnx.Module):
         names = (*ffn_lib.ACTIVATIONS[self.activation], "wo")
         return {n: getattr(self, n)[...] for n in names}
 
-    def __call__(self, x: Array, *, train: bool = False) -> MoEOutput:
-        """``x [..., T, D]`` -> :class:`MoEOutput` (routing per sequence ``[..., T]``)."""
+    def __call__(
+        self,
+        x: Array,
+        *,
+        train: bool = False,
+        token_ids: Array | None = None,
+        task_ids: Array | None = None,
+    ) -> MoEOutput:
+        """``x [..., T, D]`` -> :class:`MoEOutput` (routing per sequence ``[..., T]``).
+
+        ``train`` enables router noise; ``token_ids``/``task_ids`` feed hash/task routers.
+        """
         if x.ndim < 2 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be [..., T, D={self.d_model}], got shape {x.shape}")
-        routed = self.router(x, train=train)
-        routing: Routing = routed.routing
+        routed = self.router(x, train=train, token_ids=token_ids, task_ids=task_ids)
+        routing = routed.routing
         metrics = dict(routed.metrics)
         xc = x.astype(self.dtype)
-        y = self._experts(xc, routing, metrics)
+        if isinstance(routing, DenseRouting):
+            y = self._dense_experts(xc, routing)
+            sent = routing.dispatch.reshape(-1, *routing.dispatch.shape[-2:]).sum((0, 2))
+            load = sent / jnp.maximum(sent.sum(), 1e-9)
+        else:
+            y = self._experts(xc, routing, metrics)
+            kept = routing.kept.reshape(-1, self.k)
+            one_hot = jax.nn.one_hot(routing.expert_index.reshape(-1, self.k), self.num_experts)
+            counts = jnp.einsum("tk,tke->e", kept.astype(jnp.float32), one_hot)
+            load = counts / jnp.maximum(counts.sum(), 1.0)
+            metrics.setdefault("dropped_fraction", 1.0 - jnp.mean(kept.astype(jnp.float32)))
         if self.shared is not None:
             y = y + self.shared(xc)
-        kept = routing.kept.reshape(-1, self.k)
-        one_hot = jax.nn.one_hot(routing.expert_index.reshape(-1, self.k), self.num_experts)
-        counts = jnp.einsum("tk,tke->e", kept.astype(jnp.float32), one_hot)
-        load = counts / jnp.maximum(counts.sum(), 1.0)
-        metrics["dropped_fraction"] = 1.0 - jnp.mean(kept.astype(jnp.float32))
         return MoEOutput(y.astype(self.dtype), dict(routed.aux_losses), metrics, load)
+
+    def _dense_experts(self, x: Array, routing: DenseRouting) -> Array:
+        t, d = x.shape[-2:]
+        params = self.expert_params()
+        e, c = routing.dispatch.shape[-2:]
+        fn = lambda xs, dr: ffn_lib.moe_ffn_dense_routing(
+            xs, dr, params, activation=self.activation
+        )
+        dense = DenseRouting(
+            dispatch=routing.dispatch.reshape(-1, t, e, c),
+            combine=routing.combine.reshape(-1, t, e, c),
+            probs=routing.probs.reshape(-1, t, routing.probs.shape[-1]),
+        )
+        return jax.vmap(fn)(x.reshape(-1, t, d), dense).reshape(x.shape)
 
     def _experts(self, x: Array, routing: Routing, metrics: dict[str, Any]) -> Array:
         lead, t, d = x.shape[:-2], x.shape[-2], x.shape[-1]
