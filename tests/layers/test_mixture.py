@@ -1,0 +1,293 @@
+"""Mixture of modules and the composition blocks, against manual composition."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from modjax import routing as R
+from modjax.layers.lora import LoRA
+from modjax.layers.mixture import (
+    AGGREGATORS,
+    Average,
+    BatchSplit,
+    Fuse,
+    Mixture,
+    MixtureOfAdapters,
+    Parallel,
+    Split,
+    Stack,
+)
+from modjax.layers.router import Router
+
+D = 4
+
+
+def _linears(n, d_out=D, seed=0):
+    return [nnx.Linear(D, d_out, rngs=nnx.Rngs(seed + i)) for i in range(n)]
+
+
+def _x(seed=0, shape=(3, 5, D)):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _np_linear(m, x):
+    return np.asarray(x) @ np.asarray(m.kernel[...]) + np.asarray(m.bias[...])
+
+
+def _close(a, b, tol=1e-5):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+
+
+# ------------------------------------------------------------------------- Mixture
+
+
+def test_weighted_sum_with_given_weights_under_jit():
+    mods = _linears(3)
+    x = _x()
+    w = jax.nn.softmax(_x(1, (3, 5, 3)), -1)
+    mix = Mixture(mods)
+    out = nnx.jit(lambda m, x, w: m(x, weights=w))(mix, x, w)
+    ref = sum(np.asarray(w[..., e : e + 1]) * _np_linear(mods[e], x) for e in range(3))
+    _close(out.output, ref)
+    _close(out.expert_load, np.asarray(w).reshape(-1, 3).sum(0) / 15.0)
+
+
+def test_weighted_sum_with_router_matches_manual_and_trains():
+    mods = _linears(4)
+    router = Router(D, 4, k=2, rngs=nnx.Rngs(7))
+    mix = Mixture(mods, router)
+    x = _x(2)
+    out = mix(x)
+    w = np.asarray(router(x).routing.dense_weights())
+    assert np.all((w > 0).sum(-1) == 2)  # top-2: two modules per token
+    ref = sum(w[..., e : e + 1] * _np_linear(mods[e], x) for e in range(4))
+    _close(out.output, ref)
+    assert set(out.aux_losses) == {"load_balancing", "z_loss"}
+
+    def loss(m):
+        o = m(x)
+        return (o.output**2).mean() + o.aux_losses["load_balancing"]
+
+    grads = nnx.grad(loss)(mix)
+    assert np.abs(np.asarray(grads["router"]["kernel"][...])).sum() > 0
+    assert np.abs(np.asarray(grads["modules"][0]["kernel"][...])).sum() > 0
+
+
+def test_task_ids_and_routing_sources():
+    mods = _linears(3)
+    mix = Mixture(mods)
+    x = _x(3)
+    ids = jnp.array([2, 0, 1])
+    out = mix(x, task_ids=ids).output
+    for b in range(3):
+        _close(out[b], _np_linear(mods[int(ids[b])], x[b]))
+    routing = R.top_k_routing(_x(4, (3, 5, 3)), 1)
+    got = mix(x, routing=routing).output
+    w = np.asarray(routing.dense_weights())
+    _close(got, sum(w[..., e : e + 1] * _np_linear(mods[e], x) for e in range(3)))
+
+
+def test_dispatch_equals_weighted_sum_for_dropless_and_soft_moe_reference():
+    mods = _linears(3)
+    x = _x(5)
+    routing = R.top_k_routing(_x(6, (3, 5, 3)), 2)
+    a = Mixture(mods, aggregator="dispatch")(x, routing=routing).output
+    b = Mixture(mods)(x, routing=routing).output
+    _close(a, b)
+    soft = R.soft_moe_routing(_x(7, (3, 5, 3, 2)))  # 2 slots per module
+    got = Mixture(mods, aggregator="dispatch")(x, routing=soft).output
+    slots = np.einsum("btec,btd->becd", soft.dispatch, x)
+    ys = np.stack([_np_linear(mods[e], slots[:, e]) for e in range(3)], 1)
+    _close(got, np.einsum("btec,becd->btd", soft.combine, ys))
+
+
+def test_smear_one_hot_equals_that_module_and_soft_equals_merged_params():
+    mods = _linears(3)
+    mix = Mixture(mods, aggregator="smear")
+    x = _x(8)
+    ids = jnp.array([1, 1, 2])
+    out = nnx.jit(lambda m, x, i: m(x, task_ids=i))(mix, x, ids).output
+    for b in range(3):
+        _close(out[b], mods[int(ids[b])](x[b]))
+    w = jnp.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [0.0, 0.5, 0.5]])
+    out = mix(x, weights=w).output
+    for b in range(3):
+        k = sum(float(w[b, e]) * np.asarray(mods[e].kernel[...]) for e in range(3))
+        bias = sum(float(w[b, e]) * np.asarray(mods[e].bias[...]) for e in range(3))
+        _close(out[b], np.asarray(x[b]) @ k + bias)
+    # token weights [B, T, E] are averaged over the sequence: constant rows change nothing
+    _close(mix(x, weights=jnp.broadcast_to(w[:, None], (3, 5, 3))).output, out)
+
+
+def test_smear_gradient_reaches_only_selected_module():
+    mix = Mixture(_linears(3), aggregator="smear")
+    x = _x(9)
+    grads = nnx.grad(lambda m: (m(x, task_ids=jnp.array([0, 0, 2])).output ** 2).sum())(mix)
+    norms = [float(jnp.abs(grads["modules"][e]["kernel"][...]).sum()) for e in range(3)]
+    assert norms[0] > 0 and norms[2] > 0 and norms[1] == 0
+
+
+def test_mixture_of_lora_modules_smear_and_batch_split():
+    def lora(i):
+        m = LoRA(nnx.Linear(D, D, rngs=nnx.Rngs(0)), rank=2, rngs=nnx.Rngs(10 + i))
+        m.lora_b[...] = jax.random.normal(jax.random.key(i), m.lora_b[...].shape)
+        return m
+
+    loras = [lora(i) for i in range(3)]
+    x = _x(10)
+    ids = jnp.array([2, 0, 1])
+    smear = Mixture(loras, aggregator="smear")(x, task_ids=ids).output
+    split = BatchSplit(loras)(x, ids=ids)
+    for b in range(3):
+        _close(smear[b], loras[int(ids[b])](x[b]))
+        _close(split[b], loras[int(ids[b])](x[b]))
+
+
+def test_mixture_of_adapters_layer_and_model_block():
+    from modjax.models.blocks import Block, FFNSpec
+
+    layer = MixtureOfAdapters(
+        D, num_modules=3, bottleneck_dim=2, k=2, init_std=0.5, rngs=nnx.Rngs(0)
+    )
+    for a in layer.modules:
+        a.up[...] = jax.random.normal(jax.random.key(1), a.up[...].shape)
+    x = _x(11)
+    out = layer(x)
+    w = np.asarray(layer.router(x).routing.dense_weights())
+    _close(out.output, sum(w[..., e : e + 1] * np.asarray(layer.modules[e](x)) for e in range(3)))
+    assert out.expert_load.shape == (3,)
+    spec = FFNSpec(d_ff=8, sparse="mixture", placement="all", sparse_kwargs={"num_modules": 2})
+    block = Block(D, "mixture", spec, attention=None, rngs=nnx.Rngs(1))
+    y, aux = block(x)
+    assert y.shape == x.shape and "load_balancing" in aux["aux_losses"]
+    assert aux["expert_load"].shape == (2,)
+
+
+# -------------------------------------------------------------------------- blocks
+
+
+def test_stack_order_matters_and_matches_manual():
+    a, b = _linears(2)
+    x = _x(12)
+    _close(Stack(a, b)(x), _np_linear(b, _np_linear(a, x)))
+    _close(Stack(b, a)(x), _np_linear(a, _np_linear(b, x)))
+    assert not np.allclose(Stack(a, b)(x), Stack(b, a)(x), atol=1e-3)
+
+
+def test_parallel_reductions():
+    mods = _linears(2)
+    x = _x(13)
+    outs = [_np_linear(m, x) for m in mods]
+    _close(Parallel(*mods)(x), outs[0] + outs[1])
+    _close(Parallel(*mods, reduce="mean")(x), (outs[0] + outs[1]) / 2)
+    _close(Parallel(*mods, reduce="stack")(x), np.stack(outs))
+
+
+def test_fuse_weights_sum_to_one_and_match_reference():
+    mods = _linears(3)
+    fuse = Fuse(mods, D, temperature=2.0, rngs=nnx.Rngs(3))
+    fuse.value[...] = jax.random.normal(jax.random.key(0), (D, D))
+    x = _x(14)
+    att = fuse.attend(x)
+    _close(att.weights.sum(-1), np.ones((3, 5)))
+    o = np.stack([_np_linear(m, x) for m in mods], -2)  # [B, T, E, D]
+    q = np.asarray(x) @ np.asarray(fuse.query[...])
+    k = o @ np.asarray(fuse.key[...])
+    v = o @ np.asarray(fuse.value[...])
+    s = np.einsum("btd,bted->bte", q, k) / 2.0
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    _close(att.weights, a)
+    _close(fuse(x), np.einsum("bte,bted->btd", a, v))
+    res = Fuse(mods, D, residual=True, rngs=nnx.Rngs(3))
+    _close(res(x), np.asarray(x) + np.asarray(res.attend(x).output))
+    g = nnx.grad(lambda f: (f(x) ** 2).sum())(fuse)
+    assert float(jnp.abs(g["query"][...]).sum()) > 0
+
+
+def test_average_output_and_parameter_space():
+    mods = _linears(3)
+    x = _x(15)
+    w = [0.5, 0.3, 0.2]
+    out_space = Average(mods, w)(x)
+    _close(out_space, sum(w[e] * _np_linear(mods[e], x) for e in range(3)))
+    one_hot = Average(mods, [0.0, 1.0, 0.0], space="parameter")
+    _close(nnx.jit(lambda m, x: m(x))(one_hot, x), mods[1](x))
+    merged = Average(mods, w, space="parameter")(x)
+    k = sum(w[e] * np.asarray(mods[e].kernel[...]) for e in range(3))
+    bias = sum(w[e] * np.asarray(mods[e].bias[...]) for e in range(3))
+    _close(merged, np.asarray(x) @ k + bias)
+    _close(Average(mods, space="parameter")(x, weights=jnp.array([1.0, 0, 0])), mods[0](x))
+
+
+@pytest.mark.parametrize("mode", ["stacked", "masked"])
+def test_batch_split_mixed_batch_equals_rows_alone(mode):
+    mods = _linears(3)
+    x = _x(16, (4, 5, D))
+    ids = jnp.array([2, 0, 2, 1])
+    block = BatchSplit(mods, mode=mode)
+    out = nnx.jit(lambda m, x, i: m(x, ids=i))(block, x, ids)
+    for b in range(4):
+        _close(out[b], mods[int(ids[b])](x[b : b + 1])[0])
+
+
+def test_batch_split_heterogeneous_modules_nested_in_stack():
+    a, b, c = _linears(3)
+    block = BatchSplit([a, Stack(b, c)])
+    assert block.mode == "masked"
+    x = _x(17)
+    ids = jnp.array([1, 0, 1])
+    out = Stack(block, a)(x, ids=ids)
+    for r in range(3):
+        inner = _np_linear(a, x[r]) if ids[r] == 0 else _np_linear(c, _np_linear(b, x[r]))
+        _close(out[r], _np_linear(a, inner))
+
+
+def test_split_by_position():
+    a, b = _linears(2)
+    x = _x(18)
+    out = Split(a, b, n=2)(x)
+    _close(out[:, :2], _np_linear(a, x[:, :2]))
+    _close(out[:, 2:], _np_linear(b, x[:, 2:]))
+    _close(Split(a, b, n=0)(x), _np_linear(b, x))
+    _close(Split(a, b, n=5)(x), _np_linear(a, x))
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_bad_input():
+    mods = _linears(3)
+    x = _x()
+    with pytest.raises(ValueError, match=r"aggregator must be one of \['dispatch', 'smear', "):
+        Mixture(mods, aggregator="attention")
+    assert sorted(AGGREGATORS) == ["dispatch", "smear", "weighted_sum"]
+    with pytest.raises(ValueError, match="num_experts=4, but 3 modules"):
+        Mixture(mods, Router(D, 4, rngs=nnx.Rngs(0)))
+    with pytest.raises(ValueError, match=r"one weight per module \(E = 3\).*\(3, 5, 2\)"):
+        Mixture(mods)(x, weights=jnp.ones((3, 5, 2)))
+    with pytest.raises(ValueError, match="pass routing=, weights= or task_ids="):
+        Mixture(mods)(x)
+    with pytest.raises(ValueError, match=r"modules\[1\] \(Linear\) differs"):
+        Mixture([mods[0], nnx.Linear(D, 3, rngs=nnx.Rngs(0))], aggregator="smear")
+    with pytest.raises(ValueError, match=r"weights must be 3 floats .*got \[0.5, 0.5\]"):
+        Average(mods, [0.5, 0.5])
+    with pytest.raises(ValueError, match="space must be one of"):
+        Average(mods, space="weights")
+    with pytest.raises(ValueError, match=r"modules\[1\] \(LoRA\) differs"):
+        lora = LoRA(nnx.Linear(D, D, rngs=nnx.Rngs(0)), rank=2, rngs=nnx.Rngs(0))
+        Average([mods[0], lora], space="parameter")
+    with pytest.raises(ValueError, match=r"ids must be int \[B\] with B = 3.*\(2,\)"):
+        BatchSplit(mods)(x, ids=jnp.array([0, 1]))
+    with pytest.raises(ValueError, match="BatchSplit needs ids"):
+        BatchSplit(mods)(x)
+    with pytest.raises(ValueError, match=r"Split\(n=6\)"):
+        Split(mods[0], mods[1], n=6)(x)
+    with pytest.raises(ValueError, match="reduce must be one of"):
+        Parallel(*mods, reduce="max")
+    with pytest.raises(ValueError, match="modules must be a non-empty sequence"):
+        Stack()
+    with pytest.raises(ValueError, match="temperature must be a positive float, got -1"):
+        Fuse(mods, D, temperature=-1, rngs=nnx.Rngs(0))
