@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modjax.computation import ia3 as ia3_lib
+from modjax.layers.lora import kernel_in_dims
 from modjax.layers.params import IA3Param
 from modjax.typing import Array, DType, Shape
 
@@ -45,8 +46,8 @@ class IA3Scaled(nnx.Module):
     """``base(x, ...) * l``: (IA)^3 on the output of a sublayer with output axes ``S``.
 
     Args:
-      base: the wrapped module; ``features`` defaults to its kernel's trailing axis
-        (``base.kernel.shape[-1:]``, or ``out_features`` of an ``nnx.Linear``).
+      base: the wrapped module; ``features`` defaults to its kernel's output axes
+        (``[F]`` of a Linear's ``[D, F]``, ``[H, Dh]`` of an einsum kernel ``[D, H, Dh]``).
       features: shape of ``l`` if the default does not apply.
     """
 
@@ -55,7 +56,7 @@ class IA3Scaled(nnx.Module):
             kernel = getattr(base, "kernel", None)
             if kernel is None:
                 raise ValueError(f"features must be given for a base without kernel, got {base!r}")
-            features = kernel[...].shape[-1:]
+            features = kernel[...].shape[kernel_in_dims(base) :]
         self.base, self.ia3 = base, IA3(features)
 
     def __call__(self, x: Array, *args, **kwargs) -> Array:

@@ -41,3 +41,15 @@ def test_bad_inputs():
         IA3((0, 2))
     with pytest.raises(ValueError, match="trailing axes of x"):
         IA3(3)(jax.numpy.ones((2, 4)))
+
+
+def test_scaled_einsum_scales_all_output_axes_and_merges():
+    base = nnx.Einsum("btd,dhk->bthk", (4, 2, 3), (2, 3), rngs=nnx.Rngs(0))
+    layer = IA3Scaled(base)
+    assert layer.ia3.scale[...].shape == (2, 3)
+    l = np.random.default_rng(4).normal(size=(2, 3)).astype(np.float32)
+    layer.ia3.scale[...] = l
+    x = np.random.default_rng(5).normal(size=(1, 2, 4)).astype(np.float32)
+    y = layer(x)
+    np.testing.assert_allclose(y, np.asarray(base(x)) * l, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.merge()(x), y, rtol=1e-5, atol=1e-5)
