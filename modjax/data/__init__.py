@@ -15,7 +15,7 @@ Example::
 
   from modjax.data import make_dataset
   train = make_dataset("char_lm", split="train", batch_size=16, seed=0, seq_len=64)
-  batch = next(train)              # {"tokens", "inputs", "targets", "task"}
+  batch = next(train)              # {"tokens", "inputs", "targets", "task_id"}
   state = train.get_state()        # store with the checkpoint; later: set_state(state)
 """
 

@@ -119,7 +119,7 @@ class CharLMDataset(Dataset):
     """Windows of ``T + 1`` characters (or UTF-8 bytes) from a text corpus.
 
     Batches: ``"tokens"`` int32 [B, T+1], ``"inputs"`` int32 [B, T] (tokens[:, :-1]),
-    ``"targets"`` int32 [B, T] (tokens[:, 1:]) and ``"task"`` int32 [B], the category
+    ``"targets"`` int32 [B, T] (tokens[:, 1:]) and ``"task_id"`` int32 [B], the category
     (file) each window comes from.
 
     Args:
@@ -212,7 +212,7 @@ class CharLMDataset(Dataset):
             "tokens": ArraySpec((b, t + 1), np.dtype(np.int32)),
             "inputs": ArraySpec((b, t), np.dtype(np.int32)),
             "targets": ArraySpec((b, t), np.dtype(np.int32)),
-            "task": ArraySpec((b,), np.dtype(np.int32)),
+            "task_id": ArraySpec((b,), np.dtype(np.int32)),
         }
 
     def encode(self, text: str) -> np.ndarray:
@@ -241,7 +241,7 @@ class CharLMDataset(Dataset):
             "tokens": tokens,
             "inputs": tokens[:, :-1],
             "targets": tokens[:, 1:],
-            "task": self._tasks[indices],
+            "task_id": self._tasks[indices],
         }
 
 

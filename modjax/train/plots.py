@@ -87,10 +87,14 @@ def plot_losses(records: list[dict], path: str) -> str | None:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for key in keys:
-        steps, values = _series(records, key)
-        style = "--o" if key.startswith("eval/") else "-"
-        ax.plot(steps, values, style, label=key, markersize=3)
+    # a train series and its eval twin share a colour: solid train, dashed eval
+    bases = list(dict.fromkeys(k.removeprefix("eval/") for k in keys))
+    for i, base in enumerate(bases):
+        color = f"C{i % 10}"
+        for key, style in ((base, "-"), (f"eval/{base}", "--o")):
+            if key in keys:
+                steps, values = _series(records, key)
+                ax.plot(steps, values, style, color=color, label=key, markersize=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title("loss")

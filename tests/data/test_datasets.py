@@ -181,7 +181,7 @@ def test_char_lm_windows_are_the_text(corpus):
     for batch in _take(data, 30):
         np.testing.assert_array_equal(batch["inputs"], batch["tokens"][:, :-1])
         np.testing.assert_array_equal(batch["targets"], batch["tokens"][:, 1:])
-        for row, task in zip(batch["tokens"], batch["task"]):
+        for row, task in zip(batch["tokens"], batch["task_id"]):
             # each window is a contiguous piece of its own category's text
             assert bytes(row.astype(np.uint8).tolist()) in texts[data.categories[task]]
 
