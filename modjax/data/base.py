@@ -90,8 +90,7 @@ class Dataset(Iterator[dict[str, np.ndarray]]):
         self.seed = int(seed)
         self.shard_index, self.shard_count = resolve_shard(shard_index, shard_count)
         self.shuffle = self.split == "train"
-        self._epoch = 0
-        self._batch = 0
+        self._batches = 0  # batches returned so far: the whole position
 
     def _setup_indices(self, num_examples: int) -> None:
         self.num_examples = int(num_examples)
@@ -117,16 +116,14 @@ class Dataset(Iterator[dict[str, np.ndarray]]):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self._batch >= self.batches_per_epoch:
-            if not self.shuffle:
-                raise StopIteration
-            self._epoch, self._batch = self._epoch + 1, 0
-        if self._cached_epoch != self._epoch:
-            self._cached_order, self._cached_epoch = self._order(self._epoch), self._epoch
-        start = self._batch * self.batch_size
-        indices = self._cached_order[start : start + self.batch_size]
-        self._batch += 1
-        return self._gather(indices, self._epoch)
+        epoch, batch = divmod(self._batches, self.batches_per_epoch)
+        if epoch and not self.shuffle:
+            raise StopIteration
+        if self._cached_epoch != epoch:
+            self._cached_order, self._cached_epoch = self._order(epoch), epoch
+        indices = self._cached_order[batch * self.batch_size : (batch + 1) * self.batch_size]
+        self._batches += 1
+        return self._gather(indices, epoch)
 
     _cached_epoch = -1
     _cached_order: np.ndarray
@@ -146,30 +143,44 @@ class Dataset(Iterator[dict[str, np.ndarray]]):
         }
 
     def get_state(self) -> dict[str, Any]:
-        """The position of the iterator, as plain JSON data."""
-        return {**self._identity(), "epoch": self._epoch, "batch": self._batch}
+        """The position of the iterator, as plain JSON data (``"batches"`` returned so
+        far; ``"epoch"`` and ``"batch"`` within it are for reading)."""
+        epoch, batch = divmod(self._batches, self.batches_per_epoch)
+        return {**self._identity(), "batches": self._batches, "epoch": epoch, "batch": batch}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Resume at ``state`` (from ``get_state()`` of an identically built dataset)."""
-        restore_position(self, state)
+        """Resume at ``state`` (from ``get_state()``; see ``restore_position``)."""
+        self._batches = restore_position(self, state)
 
 
-def restore_position(dataset, state: Any, fields: tuple[str, ...] = ("epoch", "batch")) -> None:
-    """Check ``state`` belongs to ``dataset`` and set its ``_<field>`` counters."""
+def restore_position(dataset, state: Any) -> int:
+    """The ``"batches"`` count of ``state``, after checking it fits ``dataset``.
+
+    All hosts draw one batch per step, so a position is the same on every shard: a
+    state written by another shard (another ``shard_index``, and then maybe another
+    per-host ``seed``) resumes this one at the same step, which is what a multi-host
+    restart needs when only process 0's state was saved. The same shard must keep its
+    seed, and the dataset, split, batch size and shard count must match.
+
+    Raises:
+      ValueError: naming the field of ``state`` that does not fit.
+    """
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict from get_state(), got {state!r}")
-    for key, value in dataset._identity().items():
-        if state.get(key) != value:
+    identity = dataset._identity()
+    keys = ["dataset", "split", "batch_size", "shard_count"]
+    if state.get("shard_index") == identity["shard_index"]:
+        keys.append("seed")
+    for key in keys:
+        if state.get(key) != identity[key]:
             raise ValueError(
-                f"state[{key!r}]={state.get(key)!r} does not match this dataset's {value!r}; "
-                "a data state resumes only the dataset that wrote it"
+                f"state[{key!r}]={state.get(key)!r} does not match this dataset's "
+                f"{identity[key]!r}; a data state resumes only the dataset that wrote it"
             )
-    for field in fields:
-        value = state.get(field)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"state[{field!r}] must be a non-negative int, got {value!r}")
-    for field in fields:
-        setattr(dataset, f"_{field}", int(state[field]))
+    batches = state.get("batches")
+    if isinstance(batches, bool) or not isinstance(batches, int) or batches < 0:
+        raise ValueError(f"state['batches'] must be a non-negative int, got {batches!r}")
+    return batches
 
 
 __all__ = [

@@ -127,7 +127,7 @@ class RuleMixtureDataset:
             "targets": targets,
             "task_id": ArraySpec(task_shape, np.dtype(np.int32)),
         }
-        self._step = 0
+        self._batches = 0
 
     def rule_outputs(self, inputs: np.ndarray, task_id: np.ndarray) -> np.ndarray:
         """The targets of ``inputs`` under the rules ``task_id`` (shapes as in a batch)."""
@@ -155,10 +155,10 @@ class RuleMixtureDataset:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
-        if self.split != "train" and self._step >= self.eval_batches:
+        if self.split != "train" and self._batches >= self.eval_batches:
             raise StopIteration
-        batch = self._batch(self._step)
-        self._step += 1
+        batch = self._batch(self._batches)
+        self._batches += 1
         return batch
 
     def _identity(self) -> dict[str, Any]:
@@ -173,11 +173,11 @@ class RuleMixtureDataset:
 
     def get_state(self) -> dict[str, Any]:
         """The position of the iterator, as plain JSON data."""
-        return {**self._identity(), "step": self._step}
+        return {**self._identity(), "batches": self._batches}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Resume at ``state`` (from ``get_state()`` of an identically built dataset)."""
-        restore_position(self, state, fields=("step",))
+        """Resume at ``state`` (from ``get_state()``; see ``restore_position``)."""
+        self._batches = restore_position(self, state)
 
 
 __all__ = ["GRANULARITIES", "KINDS", "RuleMixtureDataset"]
