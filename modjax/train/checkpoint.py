@@ -166,6 +166,13 @@ class CheckpointManager:
         self.close()
 
 
+def _any_process(flag: bool) -> bool:
+    from jax.experimental import multihost_utils
+
+    flags = multihost_utils.process_allgather(np.asarray(flag, np.int32))
+    return bool(np.asarray(flags).any())
+
+
 class PreemptionWatcher:
     """Turns SIGTERM and SIGINT into a flag the train loop polls (``.requested``).
 
@@ -174,25 +181,55 @@ class PreemptionWatcher:
     KeyboardInterrupt at once. Handlers can only be installed from the main thread;
     elsewhere the watcher stays passive (``.installed`` is False).
 
+    With several JAX processes, a signal may reach them at different steps, and a
+    process that stops alone would leave the others waiting in a collective. So there
+    ``requested`` is agreed: every ``sync_every``-th read gathers all processes' flags
+    (a tiny collective) and all of them see True from the same read on. This needs
+    every process to read ``requested`` the same number of times (once per step).
+
+    Args:
+      sync_every: reads between two agreements in multi-process runs.
+
     Attributes:
-      requested: whether a stop signal arrived.
-      signal_name: which signal (``"SIGTERM"``/``"SIGINT"``), or None.
+      requested: whether a stop signal arrived (on any process, when agreed).
+      signal_name: which signal this process got (``"SIGTERM"``/``"SIGINT"``), or None.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, *, sync_every: int = 1):
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be a positive int, got {sync_every!r}")
+        self.sync_every = sync_every
         self.signal_name: str | None = None
         self.installed = False
+        self._local = False
+        self._agreed = False
+        self._reads = 0
         self._previous: dict[int, Any] = {}
+        self._process_count = jax.process_count
+        self._any_process = _any_process
+
+    @property
+    def requested(self) -> bool:
+        if self._process_count() == 1:
+            return self._local
+        if not self._agreed:
+            self._reads += 1
+            if self._reads % self.sync_every == 0:
+                self._agreed = self._any_process(self._local)
+        return self._agreed
+
+    def request(self, signal_name: str | None = None) -> None:
+        """Ask for a stop without a signal (e.g. a time budget ran out)."""
+        self._local = True
+        self.signal_name = signal_name
 
     def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
+        if self._local and signum == signal.SIGINT:
             self.uninstall()
             raise KeyboardInterrupt
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        self.request(signal.Signals(signum).name)
 
     def install(self) -> PreemptionWatcher:
         """Install the handlers (no-op outside the main thread)."""
@@ -219,9 +256,9 @@ class PreemptionWatcher:
         self.uninstall()
 
 
-def install_preemption_handlers() -> PreemptionWatcher:
+def install_preemption_handlers(*, sync_every: int = 1) -> PreemptionWatcher:
     """A ``PreemptionWatcher`` with SIGTERM/SIGINT handlers installed."""
-    return PreemptionWatcher().install()
+    return PreemptionWatcher(sync_every=sync_every).install()
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:

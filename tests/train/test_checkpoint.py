@@ -250,3 +250,19 @@ def test_save_params_of_nnx_state(tmp_path):
     loaded = load_params(str(tmp_path / "p.npz"), nnx.state(other, nnx.Param))
     nnx.update(other, loaded)
     np.testing.assert_array_equal(other.kernel[...], model.kernel[...])
+
+
+def test_preemption_is_agreed_across_processes():
+    """Simulated 2-process run: only process A gets SIGTERM; A must not stop alone, and
+    both stop at the same read (the allgather sees every process's flag)."""
+    a, b = PreemptionWatcher(sync_every=2), PreemptionWatcher(sync_every=2)
+    for w in (a, b):
+        w._process_count = lambda: 2
+        w._any_process = lambda flag: a._local or b._local  # what an allgather returns
+    a.request("SIGTERM")
+    assert not a.requested and not b.requested  # read 1: not a sync point
+    assert a.requested and b.requested  # read 2: agreed
+    assert a.requested and b.requested  # and it stays so
+    assert a.signal_name == "SIGTERM" and b.signal_name is None
+    with pytest.raises(ValueError, match="sync_every"):
+        PreemptionWatcher(sync_every=0)
