@@ -61,8 +61,8 @@ class Dataset(Iterator[dict[str, np.ndarray]]):
     ``_setup_indices(num_examples)`` and implement ``_gather(indices, epoch)``.
     Train splits loop forever, reshuffling each epoch with ``(seed, epoch)``; other
     splits go once through the examples in order and stop. Each shard (host) owns the
-    examples ``shard_index::shard_count``; incomplete last batches are dropped so
-    shapes stay static.
+    examples ``shard_index::shard_count`` (equal shares); incomplete last batches are
+    dropped so shapes stay static.
 
     Attributes:
       split, batch_size, seed, shard_index, shard_count: as constructed.
@@ -94,7 +94,10 @@ class Dataset(Iterator[dict[str, np.ndarray]]):
 
     def _setup_indices(self, num_examples: int) -> None:
         self.num_examples = int(num_examples)
-        self._shard_examples = np.arange(self.shard_index, self.num_examples, self.shard_count)
+        # equal shares (the remainder is dropped): every host then has the same number
+        # of batches, so hosts stay in lockstep through eval passes and epochs
+        end = self.num_examples // self.shard_count * self.shard_count
+        self._shard_examples = np.arange(self.shard_index, end, self.shard_count)
         self.batches_per_epoch = len(self._shard_examples) // self.batch_size
         if self.batches_per_epoch < 1:
             raise ValueError(

@@ -315,3 +315,16 @@ def test_state_of_process_0_resumes_other_shards_in_lockstep(name, corpus, fashi
         shard(0, 5).set_state(state0)  # the same shard with another seed is another order
     with pytest.raises(ValueError, match="shard_count"):
         make_dataset(name, split="train", batch_size=2, seed=0, **kw).set_state(state0)
+
+
+def test_shards_get_equal_shares(tmp_path):
+    """7 examples on 2 hosts: 3 each (one dropped), so eval passes end together."""
+    _write_idx(str(tmp_path / "t10k-images-idx3-ubyte"), np.zeros((7, 28, 28), np.uint8), False)
+    _write_idx(str(tmp_path / "t10k-labels-idx1-ubyte"), np.arange(7, dtype=np.uint8), False)
+    labels = []
+    for i in range(2):
+        data = make_dataset("fashion_mnist", split="test", batch_size=1, seed=0,
+                            path=str(tmp_path), shard_index=i, shard_count=2)  # fmt: skip
+        assert len(data) == 3
+        labels += [int(b["label"][0]) for b in data]
+    assert sorted(labels) == [0, 1, 2, 3, 4, 5]
