@@ -59,18 +59,22 @@ def test_weighted_sum_with_router_matches_manual_and_trains():
     router = Router(D, 4, k=2, rngs=nnx.Rngs(7))
     mix = Mixture(mods, router)
     x = _x(2)
-    out = mix(x)
-    w = np.asarray(router(x).routing.dense_weights())
+
+    def loss(m):
+        o = m(x)
+        return (o.output**2).mean() + o.aux_losses["load_balancing"], o
+
+    @nnx.jit
+    def run(m):
+        (_, out), grads = nnx.value_and_grad(loss, has_aux=True)(m)
+        return out, grads, m.router(x).routing.dense_weights()
+
+    out, grads, w = run(mix)
+    w = np.asarray(w)
     assert np.all((w > 0).sum(-1) == 2)  # top-2: two modules per token
     ref = sum(w[..., e : e + 1] * _np_linear(mods[e], x) for e in range(4))
     _close(out.output, ref)
     assert set(out.aux_losses) == {"load_balancing", "z_loss"}
-
-    def loss(m):
-        o = m(x)
-        return (o.output**2).mean() + o.aux_losses["load_balancing"]
-
-    grads = nnx.grad(loss)(mix)
     assert np.abs(np.asarray(grads["router"]["kernel"][...])).sum() > 0
     assert np.abs(np.asarray(grads["modules"][0]["kernel"][...])).sum() > 0
 
@@ -80,11 +84,12 @@ def test_task_ids_and_routing_sources():
     mix = Mixture(mods)
     x = _x(3)
     ids = jnp.array([2, 0, 1])
-    out = mix(x, task_ids=ids).output
+    routing = jax.jit(R.top_k_routing, static_argnums=1)(_x(4, (3, 5, 3)), 1)
+    out, got = nnx.jit(lambda m, x, r: (m(x, task_ids=ids).output, m(x, routing=r).output))(
+        mix, x, routing
+    )
     for b in range(3):
         _close(out[b], _np_linear(mods[int(ids[b])], x[b]))
-    routing = R.top_k_routing(_x(4, (3, 5, 3)), 1)
-    got = mix(x, routing=routing).output
     w = np.asarray(routing.dense_weights())
     _close(got, sum(w[..., e : e + 1] * _np_linear(mods[e], x) for e in range(3)))
 
@@ -92,12 +97,16 @@ def test_task_ids_and_routing_sources():
 def test_dispatch_equals_weighted_sum_for_dropless_and_soft_moe_reference():
     mods = _linears(3)
     x = _x(5)
-    routing = R.top_k_routing(_x(6, (3, 5, 3)), 2)
-    a = Mixture(mods, aggregator="dispatch")(x, routing=routing).output
-    b = Mixture(mods)(x, routing=routing).output
-    _close(a, b)
-    soft = R.soft_moe_routing(_x(7, (3, 5, 3, 2)))  # 2 slots per module
-    got = Mixture(mods, aggregator="dispatch")(x, routing=soft).output
+    routing = jax.jit(R.top_k_routing, static_argnums=1)(_x(6, (3, 5, 3)), 2)
+    soft = jax.jit(R.soft_moe_routing)(_x(7, (3, 5, 3, 2)))  # 2 slots per module
+
+    @nnx.jit
+    def run(dispatch, dense, x, routing, soft):
+        return dispatch(x, routing=routing), dense(x, routing=routing), dispatch(x, routing=soft)
+
+    a, b, got = run(Mixture(mods, aggregator="dispatch"), Mixture(mods), x, routing, soft)
+    _close(a.output, b.output)
+    got = got.output
     slots = np.einsum("btec,btd->becd", soft.dispatch, x)
     ys = np.stack([_np_linear(mods[e], slots[:, e]) for e in range(3)], 1)
     _close(got, np.einsum("btec,becd->btd", soft.combine, ys))
@@ -154,13 +163,15 @@ def test_mixture_of_adapters_layer_and_model_block():
     for a in layer.modules:
         a.up[...] = jax.random.normal(jax.random.key(1), a.up[...].shape)
     x = _x(11)
-    out = layer(x)
-    w = np.asarray(layer.router(x).routing.dense_weights())
-    _close(out.output, sum(w[..., e : e + 1] * np.asarray(layer.modules[e](x)) for e in range(3)))
+    out, w, ys = nnx.jit(
+        lambda m, x: (m(x), m.router(x).routing.dense_weights(), [a(x) for a in m.modules])
+    )(layer, x)
+    w = np.asarray(w)
+    _close(out.output, sum(w[..., e : e + 1] * np.asarray(ys[e]) for e in range(3)))
     assert out.expert_load.shape == (3,)
     spec = FFNSpec(d_ff=8, sparse="mixture", placement="all", sparse_kwargs={"num_modules": 2})
     block = Block(D, "mixture", spec, attention=None, rngs=nnx.Rngs(1))
-    y, aux = block(x)
+    y, aux = nnx.jit(lambda blk, x: blk(x))(block, x)
     assert y.shape == x.shape and "load_balancing" in aux["aux_losses"]
     assert aux["expert_load"].shape == (2,)
 
@@ -190,7 +201,7 @@ def test_fuse_weights_sum_to_one_and_match_reference():
     fuse = Fuse(mods, D, temperature=2.0, rngs=nnx.Rngs(3))
     fuse.value[...] = jax.random.normal(jax.random.key(0), (D, D))
     x = _x(14)
-    att = fuse.attend(x)
+    att, fused = nnx.jit(lambda f, x: (f.attend(x), f(x)))(fuse, x)
     _close(att.weights.sum(-1), np.ones((3, 5)))
     o = np.stack([_np_linear(m, x) for m in mods], -2)  # [B, T, E, D]
     q = np.asarray(x) @ np.asarray(fuse.query[...])
@@ -200,10 +211,10 @@ def test_fuse_weights_sum_to_one_and_match_reference():
     a = np.exp(s - s.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
     _close(att.weights, a)
-    _close(fuse(x), np.einsum("bte,bted->btd", a, v))
+    _close(fused, np.einsum("bte,bted->btd", a, v))
     res = Fuse(mods, D, residual=True, rngs=nnx.Rngs(3))
     _close(res(x), np.asarray(x) + np.asarray(res.attend(x).output))
-    g = nnx.grad(lambda f: (f(x) ** 2).sum())(fuse)
+    g = nnx.jit(nnx.grad(lambda f: (f(x) ** 2).sum()))(fuse)
     assert float(jnp.abs(g["query"][...]).sum()) > 0
 
 
