@@ -1,14 +1,15 @@
 """Model surgery: insert modules into any NNX model, freeze the rest, count, merge, save.
 
 Modules are addressed by their path in the model tree, the attribute names and list
-indices joined by ``/`` (``"layers/3/attn/query"``), matched by a glob pattern
-(``"layers/*/attn/[qv]*"``; ``*`` also crosses ``/``), a regex (``regex=True``, matched
-in full) and/or a ``predicate(path, module) -> bool``.
+indices joined by ``/`` (``"layers/3/attn/query"``), matched in full by a glob pattern
+(``*`` and ``?`` stay within one path component, ``**`` crosses ``/``, ``[qv]`` is a
+character class: ``"layers/*/attn/[qv]*"``, ``"**/query"``), a regex (``regex=True``)
+and/or a ``predicate(path, module) -> bool``.
 
 Example ("LoRA of rank 8 on every attention query and value projection", then train only
 the LoRAs):
-  >>> add_lora(model, "*/attn/query", rank=8, rngs=nnx.Rngs(0))
-  >>> add_lora(model, "*/attn/value", rank=8, rngs=nnx.Rngs(1))
+  >>> add_lora(model, "**/attn/query", rank=8, rngs=nnx.Rngs(0))
+  >>> add_lora(model, "**/attn/value", rank=8, rngs=nnx.Rngs(1))
   >>> count_params(model)           # ParamCount(trainable=..., total=...)
   >>> optimizer = nnx.Optimizer(model, optax.adam(1e-3), wrt=TRAINABLE)
   >>> save_module_params(model, "lora.npz")   # only the module parameters
@@ -20,7 +21,7 @@ model after the same surgery.
 
 from __future__ import annotations
 
-import fnmatch
+import difflib
 import json
 import os
 import re
@@ -83,6 +84,37 @@ def named_modules(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return sorted(out, key=lambda pm: pm[0].count("/"))
 
 
+def glob_to_regex(pattern: str) -> str:
+    """The regex of a path glob: ``**/`` -> zero or more components, ``**`` -> ``.*``,
+    ``*`` -> ``[^/]*``, ``?`` -> ``[^/]``, ``[...]`` kept (``[!...]`` negates), everything
+    else literal."""
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+            continue
+        if pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+            continue
+        if c == "*":
+            out.append("[^/]*")
+        elif c == "?":
+            out.append("[^/]")
+        elif c == "[" and "]" in pattern[i + 1 :]:
+            j = pattern.index("]", i + 2 if pattern[i + 1 : i + 2] in ("!", "]") else i + 1)
+            body = pattern[i + 1 : j]
+            body = "^" + body[1:] if body.startswith("!") else body
+            out.append(f"[{body.replace(chr(92), chr(92) * 2)}]")
+            i = j
+        else:
+            out.append(re.escape(c))
+        i += 1
+    return "".join(out)
+
+
 def find_modules(
     model: nnx.Module,
     pattern: str | None = None,
@@ -94,8 +126,8 @@ def find_modules(
 
     Args:
       model: any NNX module tree.
-      pattern: a glob (``fnmatch``) on the path, or a regex with ``regex=True``;
-        None matches every path.
+      pattern: a glob on the path (module docstring), or a regex with ``regex=True``;
+        either must match the whole path; None matches every path.
       predicate: ``predicate(path, module) -> bool``, applied too.
       regex: treat ``pattern`` as a regular expression (``re.fullmatch``).
 
@@ -107,15 +139,20 @@ def find_modules(
     if pattern is not None and not isinstance(pattern, str):
         raise ValueError(f"pattern must be a string, got {pattern!r}")
     modules = named_modules(model)
-    if regex and pattern is not None:
-        compiled = re.compile(pattern)
-        match = lambda p: compiled.fullmatch(p) is not None
+    if pattern is None:
+        match = lambda p: True
     else:
-        match = lambda p: pattern is None or fnmatch.fnmatchcase(p, pattern)
+        try:
+            compiled = re.compile(pattern if regex else glob_to_regex(pattern))
+        except re.error as err:
+            raise ValueError(f"pattern {pattern!r} is not a valid regex: {err}") from err
+        match = lambda p: compiled.fullmatch(p) is not None
     found = [(p, m) for p, m in modules if match(p) and (predicate is None or predicate(p, m))]
     if not found:
         paths = [p for p, _ in modules]
-        shown = ", ".join(repr(p) for p in paths[:12]) + (" ..." if len(paths) > 12 else "")
+        close = difflib.get_close_matches(pattern or "", paths, n=6, cutoff=0.3)
+        shown = ", ".join(repr(p) for p in dict.fromkeys([*close, *paths[:8]]))
+        shown += " ..." if len(paths) > 8 else ""
         what = f"pattern {pattern!r}" if pattern is not None else "pattern None"
         raise ValueError(
             f"{what} (regex={regex}, predicate={predicate}) matches no module of "
@@ -480,6 +517,7 @@ __all__ = [
     "add_sparse_delta",
     "count_params",
     "find_modules",
+    "glob_to_regex",
     "insert",
     "load_module_params",
     "merge_and_unload",

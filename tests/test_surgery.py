@@ -134,7 +134,7 @@ def test_adapter_after_every_ffn_and_parallel():
     # Houlsby: also after attention; parallel: beside the FFN's first projection
     surgery.add_adapter(model, "layers/*/attn", bottleneck_dim=r, d_model=D, rngs=nnx.Rngs(1))
     surgery.add_adapter(
-        model, "*/mlp/base/up", placement="parallel", bottleneck_dim=r, rngs=nnx.Rngs(2)
+        model, "**/mlp/base/up", placement="parallel", bottleneck_dim=r, rngs=nnx.Rngs(2)
     )
     assert surgery.count_params(model).trainable == 2 * L * per + L * (D * r + r + r * F + F)
     _randomize(model, ModuleParam)
@@ -260,13 +260,14 @@ def test_save_load_bfloat16_and_mismatch(tmp_path):
 def test_errors_name_the_value():
     model = Model()
     with pytest.raises(
-        ValueError, match=r"pattern '\*/attn/qkv' .*matches no module.*'embed', 'head'"
+        ValueError,
+        match=r"pattern '\*\*/attn/qkv' .*matches no module.*'layers/2/attn/query'.*'embed'",
     ):
-        surgery.add_lora(model, "*/attn/qkv", rank=4, rngs=nnx.Rngs(0))
+        surgery.add_lora(model, "**/attn/qkv", rank=4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rank must be a positive int, got 0"):
-        surgery.add_lora(model, "*/attn/query", rank=0, rngs=nnx.Rngs(0))
+        surgery.add_lora(model, "**/attn/query", rank=0, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="rank must be a positive int, got -2"):
-        surgery.add_hyper_lora(model, "*/attn/query", rank=-2, num_tasks=1, rngs=nnx.Rngs(0))
+        surgery.add_hyper_lora(model, "**/attn/query", rank=-2, num_tasks=1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="matched 'layers/0/attn', a Attention without a `kernel`"):
         surgery.add_lora(model, "layers/0/attn", rank=2, rngs=nnx.Rngs(0))
     with pytest.raises(
@@ -283,7 +284,26 @@ def test_nested_matches_wrap_inner_first():
     # "*query*" later also matches the LoRA's own base: wrap deepest first, then outer
     surgery.add_lora(model, "layers/0/attn/query", rank=2, rngs=nnx.Rngs(0))
     paths = surgery.add_ia3(
-        model, "layers/0/attn/query*", predicate=lambda p, m: hasattr(m, "kernel")
+        model, "layers/0/attn/query**", predicate=lambda p, m: hasattr(m, "kernel")
     )
     assert paths == ["layers/0/attn/query/base"]
     assert isinstance(model.layers[0].attn.query.base, surgery.IA3Scaled)
+
+
+def test_glob_semantics_and_list_elements():
+    model = Model()
+    names = [p for p, _ in surgery.find_modules(model, "layers/*")]
+    assert names == [f"layers/{i}" for i in range(L)]  # `*` stays in one component
+    deep = [
+        p
+        for p, _ in surgery.find_modules(model, "**/[!q]*", predicate=lambda p, m: p.endswith("y"))
+    ]
+    assert deep == [f"layers/{i}/attn/key" for i in range(L)]
+    assert [p for p, _ in surgery.find_modules(model, "**/head")] == ["head"]
+    with pytest.raises(ValueError, match="is not a valid regex"):
+        surgery.find_modules(model, "layers/(", regex=True)
+    # list elements themselves can be wrapped: an adapter after every block
+    y0 = _forward(model)
+    surgery.add_adapter(model, "layers/*", bottleneck_dim=2, d_model=D, rngs=nnx.Rngs(0))
+    assert all(isinstance(b, SequentialAdapter) for b in model.layers)
+    np.testing.assert_allclose(_forward(model), y0, atol=1e-6)
