@@ -266,3 +266,16 @@ def test_preemption_is_agreed_across_processes():
     assert a.signal_name == "SIGTERM" and b.signal_name is None
     with pytest.raises(ValueError, match="sync_every"):
         PreemptionWatcher(sync_every=0)
+
+
+def test_async_save_survives_donated_buffers(tmp_path):
+    """The train step donates the state right after save(): the save must have its copy."""
+    state = {"w": jnp.arange(1024.0).reshape(32, 32), "n": jnp.int32(3)}
+    with CheckpointManager(str(tmp_path), save_every=1, async_save=True) as ckpt:
+        assert ckpt.save(1, state)
+        for leaf in jax.tree.leaves(state):
+            leaf.delete()  # what donation does to the old buffers
+        ckpt.wait()
+        restored, extra = ckpt.restore()
+    np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(1024.0).reshape(32, 32))
+    assert int(restored["n"]) == 3 and extra == {}
