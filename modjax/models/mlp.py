@@ -38,12 +38,15 @@ class MLPConfig:
       in_features: width of the (flattened) float input; or, with ``vocab_size > 0``,
         the number of int tokens per example, embedded and concatenated.
       num_classes: output width.
+      per_token: inputs are ``[B, T, in_features]`` and every position is classified
+        (logits ``[B, T, num_classes]``); otherwise inputs flatten to ``[B, -1]``.
       The remaining fields are as in :class:`~modjax.models.transformer.TransformerConfig`.
     """
 
     in_features: int
     num_classes: int
     vocab_size: int = 0
+    per_token: bool = False
     d_model: int = 128
     num_layers: int = 2
     d_ff: int = 256
@@ -121,15 +124,15 @@ class MLP(nnx.Module):
     def __call__(
         self, x: Array, *, train: bool = False, **ffn_context
     ) -> tuple[Array, dict[str, Any]]:
-        b = x.shape[0]
+        lead = x.shape[:2] if self.config.per_token else x.shape[:1]
         if self.embed is not None:
             if not jnp.issubdtype(x.dtype, jnp.integer):
                 raise ValueError(f"inputs must be int tokens when vocab_size > 0, got {x.dtype}")
             x = self.embed(x)
-        x = x.reshape(b, -1).astype(self.dtype)
-        if x.shape[1] != self.input.in_features:
+        x = x.reshape(*lead, -1).astype(self.dtype)
+        if x.shape[-1] != self.input.in_features:
             raise ValueError(
-                f"inputs flatten to width {x.shape[1]}, expected {self.input.in_features}"
+                f"inputs flatten to width {x.shape[-1]}, expected {self.input.in_features}"
             )
         x = self.input(x)
         auxes = []
