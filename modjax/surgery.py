@@ -318,6 +318,33 @@ def add_prompt(
     return insert(model, pattern, make, predicate=predicate, regex=regex)
 
 
+def saliency_scores(
+    model: nnx.Module,
+    loss_fn: Callable[[nnx.Module], Array],
+    pattern: str | None,
+    *,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+) -> dict[str, Array]:
+    """SNIP connection sensitivity ``|w * dL/dw|`` of the kernels of matching modules
+    (Lee et al. 2019), to pass as ``scores`` to :func:`add_sparse_delta`.
+
+    Args:
+      loss_fn: ``loss_fn(model) -> scalar`` (e.g. the loss on a few batches).
+    Returns:
+      ``{path: [*kernel.shape]}``.
+    """
+    found = find_modules(model, pattern, predicate=predicate, regex=regex)
+    for path, m in found:
+        _require_kernel(path, m, pattern)
+    grads = nnx.grad(loss_fn)(model)
+    flat = {_path_str(k): v[...] for k, v in nnx.to_flat_state(grads)}
+    return {
+        p: jnp.abs(m.kernel[...].astype(jnp.float32) * flat[f"{p}/kernel"].astype(jnp.float32))
+        for p, m in found
+    }
+
+
 def add_sparse_delta(
     model: nnx.Module,
     pattern: str | None,
@@ -524,6 +551,7 @@ __all__ = [
     "named_modules",
     "param_labels",
     "replace_module",
+    "saliency_scores",
     "save_module_params",
     "unload",
 ]

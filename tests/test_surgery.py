@@ -307,3 +307,22 @@ def test_glob_semantics_and_list_elements():
     surgery.add_adapter(model, "layers/*", bottleneck_dim=2, d_model=D, rngs=nnx.Rngs(0))
     assert all(isinstance(b, SequentialAdapter) for b in model.layers)
     np.testing.assert_allclose(_forward(model), y0, atol=1e-6)
+
+
+def test_saliency_scores_hand_computed_and_end_to_end():
+    class Tiny(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(3, 2, rngs=nnx.Rngs(0))
+
+        def __call__(self, x):
+            return self.lin(x)
+
+    model = Tiny()
+    w = jnp.array([[1.0, -2.0], [0.5, 4.0], [-3.0, 0.1]])
+    model.lin.kernel[...] = w
+    x = jnp.array([[1.0, 2.0, -1.0]])
+    scores = surgery.saliency_scores(model, lambda m: m(x).sum(), "lin")
+    # dL/dW[i, j] = x[i]  ->  |w * g| = [[1, 2], [1, 8], [3, 0.1]]
+    np.testing.assert_allclose(scores["lin"], [[1, 2], [1, 8], [3, 0.1]], rtol=1e-6)
+    surgery.add_sparse_delta(model, "lin", density=0.5, scores=scores)
+    np.testing.assert_array_equal(model.lin.indices[...], [1, 3, 4])  # 2, 8, 3 kept
