@@ -107,6 +107,11 @@ def test_dispatch_equals_weighted_sum_for_dropless_and_soft_moe_reference():
     a, b, got = run(Mixture(mods, aggregator="dispatch"), Mixture(mods), x, routing, soft)
     _close(a.output, b.output)
     got = got.output
+    # capacity 1 per module and group: dropped assignments contribute nothing either way
+    capped = jax.jit(lambda lg: R.top_k_routing(lg, 2, capacity_factor=0.3))(_x(8, (3, 5, 3)))
+    assert not bool(capped.kept.all())
+    a, b, _ = run(Mixture(mods, aggregator="dispatch"), Mixture(mods), x, capped, soft)
+    _close(a.output, b.output)
     slots = np.einsum("btec,btd->becd", soft.dispatch, x)
     ys = np.stack([_np_linear(mods[e], slots[:, e]) for e in range(3)], 1)
     _close(got, np.einsum("btec,becd->btd", soft.combine, ys))
@@ -169,6 +174,17 @@ def test_mixture_of_adapters_layer_and_model_block():
     w = np.asarray(w)
     _close(out.output, sum(w[..., e : e + 1] * np.asarray(ys[e]) for e in range(3)))
     assert out.expert_load.shape == (3,)
+    smear = MixtureOfAdapters(D, num_modules=3, bottleneck_dim=2, aggregator="smear",
+                              init_std=0.5, rngs=nnx.Rngs(0))  # fmt: skip
+    for e, a in enumerate(smear.modules):
+        a.up[...] = jax.random.normal(jax.random.key(e), a.up[...].shape)
+    out, w = nnx.jit(lambda m, x: (m(x), m.router(x).routing.dense_weights()))(smear, x)
+    w = np.asarray(w).mean(1)  # [B, E]: SMEAR merges once per sequence
+    for b in range(3):
+        p = {n: sum(w[b, e] * np.asarray(getattr(smear.modules[e], n)[...]) for e in range(3))
+             for n in ("down", "down_bias", "up", "up_bias")}  # fmt: skip
+        h = np.maximum(np.asarray(x[b]) @ p["down"] + p["down_bias"], 0.0)
+        _close(out.output[b], h @ p["up"] + p["up_bias"])
     spec = FFNSpec(d_ff=8, sparse="mixture", placement="all", sparse_kwargs={"num_modules": 2})
     block = Block(D, "mixture", spec, attention=None, rngs=nnx.Rngs(1))
     y, aux = nnx.jit(lambda blk, x: blk(x))(block, x)
