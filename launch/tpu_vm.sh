@@ -13,7 +13,8 @@ if [[ $# -lt 4 ]]; then
 fi
 tpu=$1 zone=$2 config=$3 workdir=$4
 shift 4
-extra=$(printf ' %q' "$@")
+extra=""
+if (( $# )); then extra=$(printf ' %q' "$@"); fi
 gcloud compute tpus tpu-vm ssh "$tpu" --zone "$zone" --worker=all --command \
   "cd ~/modjax && .venv/bin/python -m modjax.train --config $(printf %q "$config") \
 --workdir $(printf %q "$workdir")$extra"
