@@ -279,3 +279,24 @@ def test_async_save_survives_donated_buffers(tmp_path):
         restored, extra = ckpt.restore()
     np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(1024.0).reshape(32, 32))
     assert int(restored["n"]) == 3 and extra == {}
+
+
+def test_data_state_in_extra_resumes_the_same_batches(tmp_path):
+    from modjax.data import make_dataset
+
+    def data():
+        return make_dataset("rule_mixture", split="train", batch_size=2, seed=5, seq_len=4)
+
+    run = data()
+    for _ in range(3):
+        next(run)
+    with CheckpointManager(str(tmp_path), save_every=3) as ckpt:
+        ckpt.save(3, {"step": jnp.int32(3)}, {"data": run.get_state()})
+    expected = [next(run) for _ in range(4)]
+    resumed = data()
+    with CheckpointManager(str(tmp_path), save_every=3) as ckpt:
+        _, extra = ckpt.restore()
+    resumed.set_state(extra["data"])
+    for want, got in zip(expected, (next(resumed) for _ in range(4))):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
