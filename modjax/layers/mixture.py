@@ -12,6 +12,8 @@ blocks). The pieces (Pfeiffer et al. 2023, "Modular Deep Learning"):
   :class:`Fuse` (AdapterFusion), :class:`Average` (output or parameter space),
   :class:`BatchSplit` (row b uses module ``ids[b]``) and :class:`Split` (first n
   positions to one module, the rest to another).
+* :func:`merge_modules`: post-hoc merging (TIES, DARE, task arithmetic, averaging) of
+  modules of one structure into a new module.
 
 Blocks pass their keyword context (``ids``, ``weights``, ``routing``, ``task_ids``,
 ``token_ids``, ``train``) on to nested blocks; plain modules are called as ``m(x)``.
@@ -161,6 +163,26 @@ def _expand_weights(weights: Array, lead: tuple[int, ...]) -> Array:
             f"weights {weights.shape} do not match the input's leading dims {lead}"
         ) from None
     return weights
+
+
+def merge_modules(
+    modules: Sequence[nnx.Module], merge: Callable[[list[list[Array]]], list[Array]]
+) -> nnx.Module:
+    """A new module of the modules' (identical) structure whose float state is
+    ``merge(states)``: post-hoc merging with any :mod:`modjax.aggregation.parameter`
+    function. Each state is given as the list of the module's float leaves (one fixed
+    order); non-float state (ints, keys) is taken from ``modules[0]``.
+
+    Example:
+      >>> merged = merge_modules(loras, lambda ps: ties_merge(ps, density=0.2))
+      >>> soup = merge_modules(models, weighted_average)
+    """
+    modules = list(_as_list(modules, "modules"))
+    graphdef, treedef, index, leaves0, stacked = split_stacked(modules)
+    states = [[leaf[e] for leaf in stacked] for e in range(len(modules))]
+    merged = merge(states)
+    parameter_lib.check_same_structure([states[0], merged], "[state, merge(states)]")
+    return _merged_module(graphdef, treedef, index, leaves0, list(merged))
 
 
 # ----------------------------------------------------------------------- aggregators
@@ -615,5 +637,6 @@ __all__ = [
     "Parallel",
     "Split",
     "Stack",
+    "merge_modules",
     "split_stacked",
 ]

@@ -18,6 +18,7 @@ from modjax.layers.mixture import (
     Parallel,
     Split,
     Stack,
+    merge_modules,
 )
 from modjax.layers.router import Router
 
@@ -318,3 +319,24 @@ def test_bad_input():
         Stack()
     with pytest.raises(ValueError, match="temperature must be a positive float, got -1"):
         Fuse(mods, D, temperature=-1, rngs=nnx.Rngs(0))
+
+
+def test_merge_modules_with_parameter_aggregators():
+    from modjax.aggregation import task_arithmetic, task_vector, ties_merge, weighted_average
+
+    a, b = _linears(2)
+    x = _x(19)
+    pick = merge_modules([a, b], lambda ps: weighted_average(ps, jnp.array([0.0, 1.0])))
+    _close(pick(x), b(x))
+    half = merge_modules(
+        [a, b], lambda ps: task_arithmetic(ps[0], [task_vector(ps[1], ps[0])], 0.5)
+    )
+    _close(half(x), Average([a, b], space="parameter")(x))
+    ties = merge_modules([a, b], lambda ps: ties_merge(ps, density=1.0))
+    k_a, k_b = np.asarray(a.kernel[...]), np.asarray(b.kernel[...])
+    agree = np.sign(k_a) == np.sign(k_b)
+    ref = np.where(agree, (k_a + k_b) / 2, np.where(np.abs(k_a) > np.abs(k_b), k_a, k_b))
+    _close(ties.kernel[...], ref)
+    assert isinstance(ties, nnx.Linear) and a.kernel[...] is not ties.kernel[...]
+    with pytest.raises(ValueError, match=r"\[state, merge\(states\)\]\[1\] has a different"):
+        merge_modules([a, b], lambda ps: ps[0][:1])
