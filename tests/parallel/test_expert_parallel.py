@@ -79,8 +79,7 @@ MESHES = [
 
 @pytest.mark.parametrize(
     "mesh_shape,kind,check_vma",
-    [(m, kind, False) for m in MESHES for kind in ("ffn", "lora")]
-    + [(MESHES[0], "ffn", True), (MESHES[2], "lora", True)],
+    [(m, "ffn", False) for m in MESHES] + [(MESHES[0], "lora", False), (MESHES[2], "lora", True)],
     ids=str,
 )
 def test_values_and_gradients_match_reference(mesh_shape, kind, check_vma):
@@ -292,13 +291,13 @@ def test_grouped_matmul_matches_reference_with_padding_and_empty_groups():
     w = jax.random.normal(ks[1], (4, D, F))
     sizes = jnp.array([3, 0, 5, 2], jnp.int32)  # 2 padding rows, one empty group
     np.testing.assert_allclose(
-        np.asarray(grouped_matmul(x, w, sizes)),
-        np.asarray(grouped_matmul_reference(x, w, sizes)),
+        np.asarray(jax.jit(grouped_matmul)(x, w, sizes)),
+        np.asarray(jax.jit(grouped_matmul_reference)(x, w, sizes)),
         **TOL,
     )
     loss = lambda f: lambda x, w: jnp.sum(jnp.tanh(f(x, w, sizes)))
-    g = jax.grad(loss(grouped_matmul), argnums=(0, 1))(x, w)
-    g_ref = jax.grad(loss(grouped_matmul_reference), argnums=(0, 1))(x, w)
+    g = jax.jit(jax.grad(loss(grouped_matmul), argnums=(0, 1)))(x, w)
+    g_ref = jax.jit(jax.grad(loss(grouped_matmul_reference), argnums=(0, 1)))(x, w)
     _assert_tree_close(g, g_ref)
     assert float(jnp.abs(g[0][10:]).max()) == 0.0  # padding rows get no gradient
 

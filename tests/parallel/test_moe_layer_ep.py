@@ -28,7 +28,7 @@ def _setup():
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)), params, x
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=2, expert=4), dict(data=1, expert=8)], ids=str)
+@pytest.mark.parametrize("mesh_shape", [dict(data=2, expert=4)], ids=str)
 def test_moe_layer_expert_parallel_equals_meshless(mesh_shape):
     step, params, x = _setup()
     (l_ref, m_ref), g_ref = step(params, x)

@@ -1,5 +1,5 @@
 """The project trainer (modjax.train.step) on a Transformer LM with MoE blocks: a few
-steps on meshes (data=2, expert=4) and (data=8) give the losses of one
+steps on the mesh (data=2, expert=4) give the losses of one
 device. The model code is the same; the mesh alone selects the expert-parallel path.
 
 Tolerance: float32 losses to rtol = 1e-5 (sharded reductions sum in other orders).
@@ -20,7 +20,7 @@ from modjax.train.step import (
     make_train_step,
 )
 
-STEPS = 3
+STEPS = 2
 
 
 def _config():
@@ -70,7 +70,8 @@ def one_device_losses():
     return _losses(make_mesh(data=1, devices=jax.devices()[:1]))
 
 
-@pytest.mark.parametrize("mesh_shape", [dict(data=2, expert=4), dict(data=8)], ids=str)
+# (data=8) and the checkpoint restore run with a smaller model in test_train_mesh.py.
+@pytest.mark.parametrize("mesh_shape", [dict(data=2, expert=4)], ids=str)
 def test_trainer_losses_equal_one_device(mesh_shape, one_device_losses):
     losses = _losses(make_mesh(**mesh_shape))
     np.testing.assert_allclose(losses, one_device_losses, rtol=1e-5)
