@@ -24,6 +24,22 @@ their contribution is zero) or stop the program (``overflow="error"``).
 The sizes ``B`` and ``ep`` are static, so the whole exchange is a fixed-shape program:
 ``ragged_all_to_all`` would send only the used rows, but it does not run on CPU.
 
+Other mesh axes: tokens are replicated over ``tensor`` (each tensor rank repeats the
+work) and expert weights enter whole on every device of their expert shard (weights
+sharded over ``fsdp``/``tensor`` are all-gathered at the shard_map boundary, and their
+gradients reduce-scattered back, ZeRO-3 style).
+
+How a layer dispatches here (the mesh decides; model code is the same on every mesh)::
+
+    if use_expert_parallel():                    # mesh set with jax.set_mesh
+        y, stats = expert_parallel_apply(x2, routing, expert_fn, params)
+    else:
+        y = local_dropless_moe(x2, routing, params)
+
+with ``x2 [T, D]`` (leading axes flattened), ``routing`` a flat :class:`Routing` and
+``params`` the stacked ``[E, ...]`` expert weights; ``modjax.layers.moe.MoE`` does this
+with ``modjax.computation.ffn.make_expert_fn``.
+
 Fast path / reference twin: :func:`expert_parallel_apply` and
 :func:`expert_parallel_reference` (every token through every expert, on one device);
 tests hold them equal for values and gradients.
