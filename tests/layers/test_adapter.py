@@ -1,4 +1,3 @@
-import jax
 import numpy as np
 import pytest
 from flax import nnx
@@ -10,7 +9,7 @@ from modjax.layers.params import AdapterParam
 def _randomize(ad, seed):
     for i, k in enumerate(("down", "down_bias", "up", "up_bias")):
         v = getattr(ad, k)
-        v[...] = jax.random.normal(jax.random.key(seed + i), v[...].shape)
+        v[...] = _normal(seed + i, v[...].shape)
 
 
 def _np_branch(x, ad):

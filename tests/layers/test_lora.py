@@ -1,4 +1,3 @@
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -7,16 +6,22 @@ from flax import nnx
 from modjax.layers.lora import LoRA, LoRALinear, kernel_in_dims
 from modjax.layers.params import LoRAParam, ModuleParam
 
+
+def _normal(seed, shape):
+    # numpy: a jax.random draw compiles once per new shape
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
 NORMAL = nnx.initializers.normal(1.0)
 
 
 def test_starts_equal_to_base_and_adds_scaled_low_rank_path():
     base = nnx.Linear(6, 4, rngs=nnx.Rngs(0))
-    x = jax.random.normal(jax.random.key(1), (3, 6))
+    x = _normal(1, (3, 6))
     want_base = base(x)
     layer = LoRA(base, rank=2, alpha=4.0, rngs=nnx.Rngs(2))
     np.testing.assert_array_equal(layer(x), want_base)  # B = 0
-    layer.lora_b[...] = jax.random.normal(jax.random.key(3), (2, 4))
+    layer.lora_b[...] = _normal(3, (2, 4))
     a, b = np.asarray(layer.lora_a[...]), np.asarray(layer.lora_b[...])
     want = np.asarray(want_base) + 2.0 * np.asarray(x) @ a @ b
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(layer, x), want, rtol=1e-5, atol=1e-5)
@@ -27,7 +32,7 @@ def test_starts_equal_to_base_and_adds_scaled_low_rank_path():
 def test_merged_equals_unmerged_and_unmerge_restores():
     layer = LoRALinear(8, 5, rank=3, alpha=6.0, b_init=NORMAL, rngs=nnx.Rngs(0))
     kernel0 = np.asarray(layer.base.kernel[...])
-    x = jax.random.normal(jax.random.key(1), (2, 7, 8))
+    x = _normal(1, (2, 7, 8))
     y = layer(x)
     layer.merge()
     assert layer.merged
@@ -45,7 +50,7 @@ def test_einsum_base_merged_equals_unmerged():
     assert kernel_in_dims(base) == 1
     layer = LoRA(base, rank=2, b_init=NORMAL, rngs=nnx.Rngs(1))
     assert layer.lora_b[...].shape == (2, 6)
-    x = jax.random.normal(jax.random.key(2), (2, 5, 8))
+    x = _normal(2, (2, 5, 8))
     y = layer(x)
     delta = np.asarray(layer.lora_a[...] @ layer.lora_b[...]).reshape(8, 2, 3)
     want = np.asarray(base(x)) + np.einsum("btd,dhk->bthk", np.asarray(x), delta)
@@ -59,7 +64,7 @@ def test_output_projection_einsum_two_contracted_axes():
     assert kernel_in_dims(base) == 2
     layer = LoRA(base, rank=2, b_init=NORMAL, rngs=nnx.Rngs(1))
     assert layer.lora_a[...].shape == (6, 2)
-    x = jax.random.normal(jax.random.key(2), (2, 4, 2, 3))
+    x = _normal(2, (2, 4, 2, 3))
     y = layer(x)
     layer.merge()
     np.testing.assert_allclose(layer(x), y, rtol=1e-5, atol=1e-5)
