@@ -67,14 +67,15 @@ def test_adapter_fusion_matches_reference_and_weights_sum_to_one():
 def test_adapter_fusion_mask_and_gradient():
     q, k, v = _rand(8, 3, 4), _rand(9, 3, 3, 4), _rand(10, 3, 3, 2)
     mask = np.array([[True, False, True], [False, False, False], [False, True, False]])
-    out = adapter_fusion(q, k, v, mask=mask)
+    fused = jax.jit(lambda q: adapter_fusion(q, k, v, mask=mask))
+    out = fused(q)
     ref0, a0 = _fusion_reference(q[0], k[0, [0, 2]], v[0, [0, 2]], 1.0)
     np.testing.assert_allclose(out.output[0], ref0, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(out.weights[0], [a0[0], 0.0, a0[1]], rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out.weights[1], 0.0)  # no module allowed
     np.testing.assert_array_equal(out.output[1], 0.0)
     np.testing.assert_allclose(out.output[2], v[2, 1], rtol=1e-6)
-    g = jax.grad(lambda q: adapter_fusion(q, k, v, mask=mask).output.sum())(q)
+    g = jax.jit(jax.grad(lambda q: fused(q).output.sum()))(q)
     assert np.all(np.isfinite(g)) and np.any(g[0] != 0)
     np.testing.assert_array_equal(g[1:], 0.0)  # fully masked, or a single module
 
