@@ -6,6 +6,11 @@ from modjax.layers.adapter import Adapter, ParallelAdapter, SequentialAdapter
 from modjax.layers.params import AdapterParam
 
 
+def _normal(seed, shape):
+    # numpy: a jax.random draw compiles once per new shape
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
 def _randomize(ad, seed):
     for i, k in enumerate(("down", "down_bias", "up", "up_bias")):
         v = getattr(ad, k)
