@@ -102,6 +102,12 @@ def split_stacked(modules: Sequence[nnx.Module]):
 
     Raises a ValueError naming the first module whose graph or state differs.
     """
+    for i, m in enumerate(modules):
+        if not isinstance(m, nnx.Module):
+            raise ValueError(
+                f"parameter-space aggregation needs nnx.Module modules; modules[{i}] is a "
+                f"{type(m).__name__}"
+            )
     splits = [nnx.split(m) for m in modules]
     graphdef, state0 = splits[0]
     for i, (g, _) in enumerate(splits[1:], start=1):

@@ -300,6 +300,9 @@ def test_bad_input():
         Mixture(mods)(x)
     with pytest.raises(ValueError, match=r"modules\[1\] \(Linear\) differs"):
         Mixture([mods[0], nnx.Linear(D, 3, rngs=nnx.Rngs(0))], aggregator="smear")
+    with pytest.raises(ValueError, match=r"needs nnx.Module modules; modules\[1\] is a function"):
+        Mixture([mods[0], lambda x: x], aggregator="smear")
+    assert BatchSplit([mods[0], lambda x: 2 * x]).mode == "masked"
     with pytest.raises(ValueError, match=r"weights must be 3 floats .*got \[0.5, 0.5\]"):
         Average(mods, [0.5, 0.5])
     with pytest.raises(ValueError, match="space must be one of"):
