@@ -68,7 +68,9 @@ def _expert_choice(self, logits, ctx):
 
 
 def _balanced(self, logits, ctx):
-    return R.balanced_routing(logits, self.k, capacity_factor=self.capacity_factor)
+    return R.balanced_routing(
+        logits, self.k, temperature=self.temperature, capacity_factor=self.capacity_factor
+    )
 
 
 def _soft(self, logits, ctx):
@@ -135,6 +137,9 @@ class Router(nnx.Module):
     noise in training), ``"straight_through"``, ``"hash"`` (Roller 2021, needs
     ``token_ids``) and ``"task"`` (needs ``task_ids``). Leading axes of x are groups:
     capacity and expert choice act within each ``[S]`` group.
+
+    ``temperature`` is the softmax temperature of ``"soft"`` and ``"gumbel"`` and the
+    Sinkhorn regularisation of ``"balanced"`` (smaller: closer to an exact assignment).
 
     Granularity ``"token"`` routes each token; ``"sequence"`` routes the mean of each
     sequence once and shares the decision with its tokens (dropless). For a global
