@@ -204,6 +204,11 @@ def _dispatch(mixture, x, weights, routing, ctx):
     if routing is None:
         raise ValueError("aggregator 'dispatch' needs a routing (router or routing=), got None")
     dense = routing.to_dense() if isinstance(routing, Routing) else routing
+    if dense.dispatch.shape[:-2] != x.shape[:-1]:
+        raise ValueError(
+            f"routing dispatch [..., T, E, C] = {dense.dispatch.shape} does not match "
+            f"x [..., T, D] = {x.shape}"
+        )
     xf = x.astype(jnp.float32)
     slots = jnp.einsum("...tec,...td->...ecd", dense.dispatch, xf).astype(x.dtype)
     outs = jnp.stack(

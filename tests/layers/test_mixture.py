@@ -296,6 +296,9 @@ def test_bad_input():
         Mixture(mods, Router(D, 4, rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match=r"one weight per module \(E = 3\).*\(3, 5, 2\)"):
         Mixture(mods)(x, weights=jnp.ones((3, 5, 2)))
+    soft = R.soft_moe_routing(jnp.zeros((3, 4, 3, 1)))
+    with pytest.raises(ValueError, match=r"dispatch .* = \(3, 4, 3, 1\) does not match"):
+        Mixture(mods, aggregator="dispatch")(x, routing=soft)
     with pytest.raises(ValueError, match="pass routing=, weights= or task_ids="):
         Mixture(mods)(x)
     with pytest.raises(ValueError, match=r"modules\[1\] \(Linear\) differs"):
