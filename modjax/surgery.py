@@ -41,7 +41,7 @@ from modjax.layers.hypernet import HyperLoRA
 from modjax.layers.ia3 import IA3Scaled
 from modjax.layers.lora import LoRA
 from modjax.layers.params import ModuleParam, ModuleState
-from modjax.layers.prompt import PromptedEmbed, PromptTuning
+from modjax.layers.prompt import PrefixTuning, PromptedEmbed, PromptTuning
 from modjax.layers.sparse import SparseDelta
 from modjax.typing import Array
 
@@ -318,6 +318,43 @@ def add_prompt(
     return insert(model, pattern, make, predicate=predicate, regex=regex)
 
 
+def add_prefix(
+    model: nnx.Module,
+    pattern: str | None,
+    *,
+    prefix_length: int,
+    num_heads: int | None = None,
+    head_dim: int | None = None,
+    rngs: nnx.Rngs,
+    predicate: Predicate | None = None,
+    regex: bool = False,
+) -> list[str]:
+    """Give every matching attention module learned prefix keys/values (Li & Liang 2021).
+
+    Protocol: an attention module that supports prefix tuning has an attribute
+    ``prefix = None`` and, when it is set, calls
+    ``keys, values, mask = self.prefix(keys, values, mask)`` before attending. This sets
+    ``prefix`` to a :class:`~modjax.layers.prompt.PrefixTuning` (``2 * P * H * Dh``
+    parameters); ``num_heads`` / ``head_dim`` default to the module's attributes.
+    """
+
+    def make(path, m):
+        if not hasattr(m, "prefix"):
+            raise ValueError(
+                f"pattern {pattern!r} matched {path!r}, a {type(m).__name__} without a "
+                "`prefix` attribute: it does not support prefix tuning"
+            )
+        h = num_heads if num_heads is not None else getattr(m, "num_heads", None)
+        d = head_dim if head_dim is not None else getattr(m, "head_dim", None)
+        if not isinstance(h, int) or not isinstance(d, int):
+            raise ValueError(f"cannot infer num_heads/head_dim of {path!r}; pass them")
+        # `prefix = None` is static in NNX: mark the new value as data explicitly
+        m.prefix = nnx.data(PrefixTuning(prefix_length, h, d, rngs=rngs))
+        return m
+
+    return insert(model, pattern, make, predicate=predicate, regex=regex)
+
+
 def saliency_scores(
     model: nnx.Module,
     loss_fn: Callable[[nnx.Module], Array],
@@ -540,6 +577,7 @@ __all__ = [
     "add_hyper_lora",
     "add_ia3",
     "add_lora",
+    "add_prefix",
     "add_prompt",
     "add_sparse_delta",
     "count_params",

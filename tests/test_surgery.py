@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from modjax import surgery
+from modjax.computation.prompt import attention_with_prefix
 from modjax.computation.sparse import saliency_mask
 from modjax.layers.adapter import SequentialAdapter
 from modjax.layers.lora import LoRA
@@ -326,3 +327,33 @@ def test_saliency_scores_hand_computed_and_end_to_end():
     np.testing.assert_allclose(scores["lin"], [[1, 2], [1, 8], [3, 0.1]], rtol=1e-6)
     surgery.add_sparse_delta(model, "lin", density=0.5, scores=scores)
     np.testing.assert_array_equal(model.lin.indices[...], [1, 3, 4])  # 2, 8, 3 kept
+
+
+def test_add_prefix_protocol():
+    class PrefixAttention(nnx.Module):
+        def __init__(self):
+            self.num_heads, self.head_dim, self.prefix = 2, 4, None
+
+        def __call__(self, q, k, v, mask):
+            if self.prefix is not None:
+                k, v, mask = self.prefix(k, v, mask)
+            return attention_with_prefix(q, k, v, k[0, :0], v[0, :0], mask)
+
+    class Net(nnx.Module):
+        def __init__(self):
+            self.blocks = nnx.List([PrefixAttention(), PrefixAttention()])
+            self.mlp = MLP(nnx.Rngs(0), _np_init(np.random.default_rng(0)))
+
+    net = Net()
+    paths = surgery.add_prefix(net, "blocks/*", prefix_length=3, rngs=nnx.Rngs(0))
+    assert paths == ["blocks/0", "blocks/1"]
+    assert surgery.count_params(net).trainable == 2 * (2 * 3 * 2 * 4)
+    q = k = v = jnp.ones((1, 5, 2, 4))
+    mask = jnp.ones((1, 5), bool)
+    blk = net.blocks[0]
+    want = attention_with_prefix(
+        q, k, v, blk.prefix.prefix_keys[...], blk.prefix.prefix_values[...], mask
+    )
+    np.testing.assert_allclose(blk(q, k, v, mask), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="matched 'mlp', a MLP without a `prefix` attribute"):
+        surgery.add_prefix(net, "mlp", prefix_length=3, rngs=nnx.Rngs(0))
