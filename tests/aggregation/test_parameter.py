@@ -158,3 +158,17 @@ def test_merge_bad_input():
         dare({"i": jnp.ones(3, jnp.int32)}, 0.5, jax.random.key(0))
     with pytest.raises(ValueError, match=r"\[finetuned, base\]\[1\] has a different structure"):
         task_vector(a, b)
+
+
+def test_edge_cases_single_module_and_zero_weights():
+    t = _tree(5)
+    # one task vector kept whole: TIES returns it unchanged; one module: SMEAR scales it
+    jax.tree.map(np.testing.assert_array_equal, ties_merge([t], density=1.0), t)
+    half = smear_merge(stack_trees([t]), jnp.array([[0.5], [0.0]]))
+    np.testing.assert_allclose(half["w"][0], 0.5 * t["w"], rtol=1e-6)
+    np.testing.assert_array_equal(half["w"][1], 0.0)
+    # NaN in a module's parameters propagates even through a zero weight (0 * NaN = NaN):
+    # a broken module is never silently hidden by the merge
+    bad = {"w": jnp.array([jnp.nan, 1.0])}
+    out = smear_merge(stack_trees([bad, {"w": jnp.ones(2)}]), jnp.array([[0.0, 1.0]]))
+    assert np.isnan(out["w"][0, 0]) and out["w"][0, 1] == 1.0
