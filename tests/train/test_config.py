@@ -71,3 +71,18 @@ def test_multi_process_detection():
     assert is_multi_process({"SLURM_NTASKS": "4"})
     assert is_multi_process({"TPU_WORKER_HOSTNAMES": "a,b"})
     assert is_multi_process({"MODJAX_COORDINATOR": "h:1234"})
+
+
+@pytest.mark.parametrize(
+    "spec", ["experiments/lora_finetune.py:tiny", "experiments/adapter_mixture.py:tiny"]
+)
+def test_experiments_build(spec, tmp_path):
+    from modjax.train.main import build
+
+    parts = build(load_config(spec), str(tmp_path), log=lambda s: None)
+    counts = parts["param_counts"]
+    if "lora" in spec:  # the base is frozen, only the LoRAs train
+        assert counts["frozen"] > 10 * counts["default"] > 0
+    else:
+        assert counts["default"] > 0 and "frozen" not in counts
+    assert load_config(spec.replace(":tiny", "")).train.num_steps > 1000
