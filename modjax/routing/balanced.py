@@ -9,6 +9,8 @@ without gradient; combine weights are the router's softmax probabilities.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -70,7 +72,11 @@ def balanced_routing(
     checks.check_positive("num_iters", num_iters, integer=True)
     checks.check_positive("temperature", temperature)
     cap = checks.resolve_capacity(t, e, k, capacity_factor, capacity)
+    return _balanced_impl(logits, k=k, num_iters=num_iters, temperature=temperature, cap=cap)
 
+
+@functools.partial(jax.jit, static_argnames=("k", "num_iters", "temperature", "cap"))
+def _balanced_impl(logits: Array, *, k: int, num_iters: int, temperature: float, cap) -> Routing:
     def route(lg: Array) -> Routing:
         lg = lg.astype(jnp.float32)
         probs = jax.nn.softmax(lg, axis=-1)

@@ -12,6 +12,7 @@ Leading axes of ``x`` are the routing's groups (vmapped).
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from modjax.routing.groups import map_groups
@@ -48,6 +49,12 @@ def dispatch(x: Array, routing: Routing | DenseRouting) -> Array:
         raise ValueError(
             f"x must have shape {lead + (t,)} + (D,) to match the routing, got {x.shape}"
         )
+    return _dispatch_impl(x, routing)
+
+
+@jax.jit
+def _dispatch_impl(x: Array, routing: Routing | DenseRouting) -> Array:
+    lead = _routing_lead(routing)
     if isinstance(routing, DenseRouting):
         return jnp.einsum("...tec,...td->...ecd", routing.dispatch.astype(x.dtype), x)
     e, c = routing.num_experts, routing.buffer_capacity()
@@ -83,6 +90,12 @@ def combine(expert_out: Array, routing: Routing | DenseRouting) -> Array:
             f"expert_out must have shape {lead + (e, c)} + (D,) to match the routing, "
             f"got {expert_out.shape}"
         )
+    return _combine_impl(expert_out, routing)
+
+
+@jax.jit
+def _combine_impl(expert_out: Array, routing: Routing | DenseRouting) -> Array:
+    lead = _routing_lead(routing)
     if isinstance(routing, DenseRouting):
         return jnp.einsum(
             "...tec,...ecd->...td", routing.combine.astype(expert_out.dtype), expert_out

@@ -8,6 +8,7 @@ and future (e.g. per position across a batch), not for autoregressive decoding.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -46,7 +47,12 @@ def expert_choice_routing(
         checks.check_positive("capacity", capacity, integer=True)
     if capacity > t:
         raise ValueError(f"capacity must be <= T={t} for expert choice, got {capacity!r}")
-    c = int(capacity)
+    return _expert_choice_impl(logits, c=int(capacity))
+
+
+@functools.partial(jax.jit, static_argnames=("c",))
+def _expert_choice_impl(logits: Array, *, c: int) -> DenseRouting:
+    t = logits.shape[-2]
 
     def route(lg: Array) -> DenseRouting:
         probs = jax.nn.softmax(lg.astype(jnp.float32), axis=-1)

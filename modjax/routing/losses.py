@@ -59,6 +59,11 @@ def load_balancing_loss(routing: Routing | DenseRouting) -> Array:
       float32 scalar.
     """
     _check_routing(routing)
+    return _switch_impl(routing)
+
+
+@jax.jit
+def _switch_impl(routing: Routing | DenseRouting) -> Array:
     counts = assignment_counts(routing).reshape(-1, routing.num_experts).sum(0)
     f = counts / jnp.maximum(counts.sum(), 1.0)
     probs = routing.probs.reshape(-1, routing.num_experts)

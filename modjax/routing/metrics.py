@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from modjax.routing.losses import assignment_counts
@@ -28,6 +29,11 @@ def routing_metrics(routing: Routing | DenseRouting) -> dict[str, Array]:
     """
     if not isinstance(routing, Routing | DenseRouting):
         raise TypeError(f"routing must be a Routing or DenseRouting, got {type(routing).__name__}")
+    return _metrics_impl(routing)
+
+
+@jax.jit
+def _metrics_impl(routing: Routing | DenseRouting) -> dict[str, Array]:
     e = routing.num_experts
     load = assignment_counts(routing, kept_only=True).reshape(-1, e).sum(0)
     total = load.sum()

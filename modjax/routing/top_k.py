@@ -10,6 +10,8 @@ token order or, with ``batch_priority``, descending top-1 probability (Riquelme 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -48,6 +50,7 @@ def queue_slots(
     return jnp.zeros_like(slot_sorted).at[order].set(slot_sorted).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("capacity",))
 def routing_from_choices(
     expert_index: Array,
     weight: Array,
@@ -173,7 +176,16 @@ def top_k_routing(
         bias = checks.check_scores("bias", bias, min_rank=1, num_experts=e)
         if bias.ndim != 1:
             raise ValueError(f"bias must have shape ({e},), got {bias.shape}")
+    return _top_k_impl(
+        logits, bias, k=k, capacity=cap, batch_priority=batch_priority, renormalize=renormalize
+    )
+
+
+# jitted so that eager calls compile once instead of op by op (inlined under an outer jit)
+@functools.partial(jax.jit, static_argnames=("k", "capacity", "batch_priority", "renormalize"))
+def _top_k_impl(logits, bias, *, k, capacity, batch_priority, renormalize) -> Routing:
     logits = logits.astype(jnp.float32)
+    cap = capacity
 
     def route(lg: Array) -> Routing:
         probs = jax.nn.softmax(lg, axis=-1)
