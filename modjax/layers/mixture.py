@@ -8,10 +8,10 @@ blocks). The pieces (Pfeiffer et al. 2023, "Modular Deep Learning"):
   from :data:`AGGREGATORS`; returns :class:`MixtureOutput` (output, aux losses,
   metrics, load). :class:`MixtureOfAdapters` is the ready-made FFN-slot layer that
   :mod:`modjax.models.blocks` builds (``ffn="mixture"``).
-* Named, nestable blocks: :class:`Stack` (sequential, MAD-X), :class:`Parallel`,
-  :class:`Fuse` (AdapterFusion), :class:`Average` (output or parameter space),
-  :class:`BatchSplit` (row b uses module ``ids[b]``) and :class:`Split` (first n
-  positions to one module, the rest to another).
+* Named, nestable blocks live in :mod:`modjax.layers.blocks`: ``Stack`` (sequential,
+  MAD-X), ``Parallel``, ``Fuse`` (AdapterFusion), ``Average`` (output or parameter
+  space), ``BatchSplit`` (row b uses module ``ids[b]``) and ``Split`` (first n positions
+  to one module, the rest to another); they and :class:`Mixture` nest in one another.
 * :func:`merge_modules`: post-hoc merging (TIES, DARE, task arithmetic, averaging) of
   modules of one structure into a new module.
 
@@ -43,16 +43,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from modjax.aggregation import function as function_lib
 from modjax.aggregation import parameter as parameter_lib
 from modjax.aggregation import representation as representation_lib
-from modjax.layers.params import ModuleParam
 from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array, DType
-
-
-class FusionParam(ModuleParam):
-    """AdapterFusion query/key/value projections."""
 
 
 class MixtureOutput(NamedTuple):
@@ -74,7 +68,8 @@ class MixtureOutput(NamedTuple):
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_list(modules, name: str) -> nnx.List:
+def as_module_list(modules, name: str) -> nnx.List:
+    """A non-empty sequence of callables as an ``nnx.List`` (ValueError otherwise)."""
     if isinstance(modules, nnx.Module) or not isinstance(modules, Sequence) or not modules:
         raise ValueError(f"{name} must be a non-empty sequence of modules, got {modules!r}")
     for i, m in enumerate(modules):
@@ -83,7 +78,7 @@ def _as_list(modules, name: str) -> nnx.List:
     return nnx.List(list(modules))
 
 
-def _call(module, x: Array, ctx: dict[str, Any]) -> Array:
+def call_child(module, x: Array, ctx: dict[str, Any]) -> Array:
     """Call a child: composition blocks get the context, plain modules only ``x``."""
     if isinstance(module, Composition):
         out = module(x, **ctx)
@@ -91,16 +86,36 @@ def _call(module, x: Array, ctx: dict[str, Any]) -> Array:
     return module(x)
 
 
-def _check_x(x) -> None:
+def check_input(x) -> None:
+    """ValueError unless ``x`` is a float array ``[..., D]``."""
     if not hasattr(x, "ndim") or not jnp.issubdtype(x.dtype, jnp.floating) or x.ndim < 1:
         raise ValueError(f"x must be a float array [..., D], got {getattr(x, 'shape', x)!r}")
 
 
-def split_stacked(modules: Sequence[nnx.Module]):
-    """``(graphdef, treedef, float_index, leaves_of_first, stacked_float_leaves)`` of E
-    modules of identical structure: their float state leaves stacked ``[E, ...]``.
+class StackedModules(NamedTuple):
+    """E modules of one structure, split for parameter-space aggregation.
 
-    Raises a ValueError naming the first module whose graph or state differs.
+    Attributes:
+      graphdef: the shared ``nnx.GraphDef``.
+      treedef: the pytree structure of one module's state.
+      float_index: positions of the float leaves among the state's leaves.
+      leaves0: all state leaves of ``modules[0]`` (non-float ones are shared from it).
+      stacked: the float leaves, each stacked over modules ``[E, ...]``.
+    """
+
+    graphdef: Any
+    treedef: Any
+    float_index: list[int]
+    leaves0: list[Any]
+    stacked: list[Array]
+
+
+def split_stacked(modules: Sequence[nnx.Module]) -> StackedModules:
+    """Split E modules of identical structure (``nnx.split``) and stack their float state
+    leaves ``[E, ...]``.
+
+    Raises a ValueError naming the first module that is not an ``nnx.Module`` or whose
+    graph, static attributes or leaf shapes differ from ``modules[0]``'s.
     """
     for i, m in enumerate(modules):
         if not isinstance(m, nnx.Module):
@@ -125,22 +140,24 @@ def split_stacked(modules: Sequence[nnx.Module]):
         i for i, x in enumerate(leaves0) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
     ]
     stacked = [jnp.stack([ls[i] for ls in all_leaves]) for i in float_index]
-    return graphdef, treedef, float_index, leaves0, stacked
+    return StackedModules(graphdef, treedef, float_index, leaves0, stacked)
 
 
-def _merged_module(graphdef, treedef, float_index, leaves0, float_leaves):
+def merged_module(graphdef, treedef, float_index, leaves0, float_leaves) -> nnx.Module:
+    """A new module (``nnx.merge``) from a :class:`StackedModules`' parts with the float
+    leaves replaced by ``float_leaves`` (one module's worth, no E axis)."""
     leaves = list(leaves0)
     for i, leaf in zip(float_index, float_leaves):
         leaves[i] = leaf
     return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
 
 
-def _per_row_apply(modules, x: Array, per_row_leaves: list[Array]) -> Array:
+def per_row_apply(modules, x: Array, per_row_leaves: list[Array]) -> Array:
     """Run the module built from row b's float leaves on ``x[b]`` for every row b."""
     graphdef, treedef, float_index, leaves0, _ = split_stacked(modules)
 
     def one(leaves, xb):
-        module = _merged_module(graphdef, treedef, float_index, leaves0, leaves)
+        module = merged_module(graphdef, treedef, float_index, leaves0, leaves)
         return module(xb[None])[0]
 
     return jax.vmap(one)(per_row_leaves, x)
@@ -183,19 +200,19 @@ def merge_modules(
       >>> merged = merge_modules(loras, lambda ps: ties_merge(ps, density=0.2))
       >>> soup = merge_modules(models, weighted_average)
     """
-    modules = list(_as_list(modules, "modules"))
+    modules = list(as_module_list(modules, "modules"))
     graphdef, treedef, index, leaves0, stacked = split_stacked(modules)
     states = [[leaf[e] for leaf in stacked] for e in range(len(modules))]
     merged = merge(states)
     parameter_lib.check_same_structure([states[0], merged], "[state, merge(states)]")
-    return _merged_module(graphdef, treedef, index, leaves0, list(merged))
+    return merged_module(graphdef, treedef, index, leaves0, list(merged))
 
 
 # ----------------------------------------------------------------------- aggregators
 
 
 def _weighted_sum(mixture, x, weights, routing, ctx):
-    outs = jnp.stack([_call(m, x, ctx) for m in mixture.modules], axis=-2)
+    outs = jnp.stack([call_child(m, x, ctx) for m in mixture.modules], axis=-2)
     w = _expand_weights(weights, outs.shape[:-2])
     return representation_lib.weighted_sum(outs, w)
 
@@ -212,7 +229,7 @@ def _dispatch(mixture, x, weights, routing, ctx):
     xf = x.astype(jnp.float32)
     slots = jnp.einsum("...tec,...td->...ecd", dense.dispatch, xf).astype(x.dtype)
     outs = jnp.stack(
-        [_call(m, slots[..., e, :, :], ctx) for e, m in enumerate(mixture.modules)], axis=-3
+        [call_child(m, slots[..., e, :, :], ctx) for e, m in enumerate(mixture.modules)], axis=-3
     )
     y = jnp.einsum("...tec,...ecd->...td", dense.combine, outs.astype(jnp.float32))
     return y.astype(outs.dtype)
@@ -222,7 +239,7 @@ def _smear(mixture, x, weights, routing, ctx):
     *_, stacked = split_stacked(mixture.modules)
     w = _rows_weights(weights, x)
     per_row = [parameter_lib.smear_merge(leaf, w) for leaf in stacked]
-    return _per_row_apply(mixture.modules, x, per_row)
+    return per_row_apply(mixture.modules, x, per_row)
 
 
 #: aggregator name -> fn(mixture, x, weights [..., E], routing or None, ctx) -> output.
@@ -275,7 +292,7 @@ class Mixture(Composition):
         *,
         aggregator: str = "weighted_sum",
     ):
-        self.modules = _as_list(modules, "modules")
+        self.modules = as_module_list(modules, "modules")
         _check_aggregator(aggregator)
         self.router = router
         self.aggregator = aggregator
@@ -334,7 +351,7 @@ class Mixture(Composition):
         train: bool = False,
         **ctx: Any,
     ) -> MixtureOutput:
-        _check_x(x)
+        check_input(x)
         weights, routing, aux, metrics = self._weights(
             x, routing, weights, task_ids, token_ids, train
         )
@@ -411,243 +428,18 @@ class MixtureOfAdapters(Mixture):
         return out._replace(output=out.output.astype(self.dtype))
 
 
-# --------------------------------------------------------------------------- blocks
-
-
-class Stack(Composition):
-    """Sequential composition ``modules[-1](... modules[0](x))`` (MAD-X, Pfeiffer et al.
-    2020: a task adapter stacked on a language adapter). Order matters.
-
-    Example:
-      >>> Stack(language_adapter, task_adapter)(h)
-    """
-
-    def __init__(self, *modules: Callable[..., Array]):
-        self.modules = _as_list(modules, "modules")
-
-    def __call__(self, x: Array, **ctx: Any) -> Array:
-        fns = [lambda h, m=m: _call(m, h, ctx) for m in self.modules]
-        return function_lib.stack_apply(fns, x)
-
-
-PARALLEL_REDUCTIONS = ("sum", "mean", "stack")
-
-
-class Parallel(Composition):
-    """All modules read the same input; their outputs are summed (``"sum"``, parallel
-    adapters of He et al. 2022 side by side), averaged (``"mean"``) or stacked
-    (``"stack"``: ``[E, ...]``, AdapterHub's Parallel, one output per module)."""
-
-    def __init__(self, *modules: Callable[..., Array], reduce: str = "sum"):
-        if reduce not in PARALLEL_REDUCTIONS:
-            raise ValueError(f"reduce must be one of {PARALLEL_REDUCTIONS}, got {reduce!r}")
-        self.modules = _as_list(modules, "modules")
-        self.reduce = reduce
-
-    def __call__(self, x: Array, **ctx: Any) -> Array:
-        outs = jnp.stack([_call(m, x, ctx) for m in self.modules])
-        if self.reduce == "stack":
-            return outs
-        y = outs.astype(jnp.float32).sum(0)
-        if self.reduce == "mean":
-            y = y / len(self.modules)
-        return y.astype(outs.dtype)
-
-
-class Fuse(Composition):
-    """AdapterFusion (Pfeiffer et al. 2021): per-token attention over module outputs.
-
-    ``q = x W_Q``, ``k_e = o_e W_K``, ``v_e = o_e W_V`` with ``o_e = modules[e](x)``;
-    output ``sum_e softmax_e(q . k_e / temperature) v_e`` (plus ``x`` if ``residual``).
-    ``W_V`` starts at the identity, so the output starts as a mix of the module outputs.
-
-    Args:
-      modules: E modules ``[..., D] -> [..., D]`` (e.g. residual adapters).
-      d_model: D.
-      temperature: softmax temperature.
-      residual: add the input to the fused output.
-    """
-
-    def __init__(
-        self,
-        modules: Sequence[Callable[..., Array]],
-        d_model: int,
-        *,
-        temperature: float = 1.0,
-        residual: bool = False,
-        param_dtype: DType = jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model < 1:
-            raise ValueError(f"d_model must be a positive int, got {d_model!r}")
-        self.modules = _as_list(modules, "modules")
-        if isinstance(temperature, bool) or not isinstance(temperature, int | float):
-            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
-        init = nnx.initializers.normal(d_model**-0.5)
-        shape, axes = (d_model, d_model), ("embed", None)
-        self.query = FusionParam(init(rngs.params(), shape, param_dtype), logical_axes=axes)
-        self.key = FusionParam(init(rngs.params(), shape, param_dtype), logical_axes=axes)
-        self.value = FusionParam(jnp.eye(d_model, dtype=param_dtype), logical_axes=axes)
-        self.temperature, self.residual = float(temperature), residual
-
-    def attend(self, x: Array, **ctx: Any) -> representation_lib.FusionOutput:
-        """The fused output (without residual) and the attention weights ``[..., E]``."""
-        _check_x(x)
-        outs = jnp.stack([_call(m, x, ctx) for m in self.modules], axis=-2)  # [..., E, D]
-        q = x @ self.query[...].astype(x.dtype)
-        k = outs @ self.key[...].astype(outs.dtype)
-        v = outs @ self.value[...].astype(outs.dtype)
-        return representation_lib.adapter_fusion(q, k, v, temperature=self.temperature)
-
-    def __call__(self, x: Array, **ctx: Any) -> Array:
-        y = self.attend(x, **ctx).output
-        return x + y.astype(x.dtype) if self.residual else y
-
-
-AVERAGE_SPACES = ("output", "parameter")
-
-
-class Average(Composition):
-    """A fixed weighted average of modules, in output or in parameter space.
-
-    ``"output"``: ``sum_e w_e m_e(x)`` (E forward passes). ``"parameter"``: one forward
-    pass of the module whose parameters are ``sum_e w_e theta_e`` (modules of identical
-    structure; model soups, Wortsman et al. 2022; the merged module is rebuilt from the
-    live parameters on every call, so it trains). Weights may also be given per call as
-    ``weights=[E]``.
-
-    Args:
-      modules: E modules.
-      weights: E floats (uniform if None), used as given.
-      space: ``"output"`` or ``"parameter"``.
-    """
-
-    def __init__(
-        self,
-        modules: Sequence[Callable[..., Array]],
-        weights: Sequence[float] | None = None,
-        *,
-        space: str = "output",
-    ):
-        if space not in AVERAGE_SPACES:
-            raise ValueError(f"space must be one of {AVERAGE_SPACES}, got {space!r}")
-        self.modules = _as_list(modules, "modules")
-        e = len(self.modules)
-        if weights is None:
-            weights = (1.0 / e,) * e
-        if isinstance(weights, str) or not isinstance(weights, Sequence) or len(weights) != e:
-            raise ValueError(f"weights must be {e} floats (one per module), got {weights!r}")
-        self.weights = tuple(float(w) for w in weights)
-        self.space = space
-        if space == "parameter":
-            split_stacked(self.modules)
-
-    def __call__(self, x: Array, *, weights: Array | None = None, **ctx: Any) -> Array:
-        _check_x(x)
-        e = len(self.modules)
-        w = jnp.asarray(self.weights if weights is None else weights, jnp.float32)
-        if w.shape != (e,):
-            raise ValueError(f"weights must be [E] = ({e},), got shape {w.shape}")
-        if self.space == "output":
-            outs = jnp.stack([_call(m, x, ctx) for m in self.modules])
-            return representation_lib.weighted_sum(outs, w, module_axis=0)
-        graphdef, treedef, index, leaves0, stacked = split_stacked(self.modules)
-        merged = [parameter_lib.smear_merge(leaf, w[None])[0] for leaf in stacked]
-        return _merged_module(graphdef, treedef, index, leaves0, merged)(x)
-
-
-BATCH_SPLIT_MODES = ("auto", "stacked", "masked")
-
-
-class BatchSplit(Composition):
-    """Per-example selection: row b of the batch runs through ``modules[ids[b]]``.
-
-    A mixed batch runs in one jitted step with static shapes, in one of two ways:
-
-    * ``"stacked"`` (modules of identical structure): the E states are stacked, row b
-      gathers its module's parameters and the module runs per row under ``jax.vmap``:
-      one forward pass per row, B x |theta| gathered parameters.
-    * ``"masked"`` (any modules): every module runs on the whole batch and row b keeps
-      module ``ids[b]``'s output: E forward passes.
-
-    ``"auto"`` picks ``"stacked"`` when the modules' graphs and shapes agree. Call
-    ``block(x, ids=ids)`` with int ``ids [B]`` in ``[0, E)`` (``task_ids`` is used when
-    ``ids`` is not given).
-    """
-
-    def __init__(self, modules: Sequence[Callable[..., Array]], *, mode: str = "auto"):
-        if mode not in BATCH_SPLIT_MODES:
-            raise ValueError(f"mode must be one of {BATCH_SPLIT_MODES}, got {mode!r}")
-        self.modules = _as_list(modules, "modules")
-        if mode == "auto":
-            try:
-                split_stacked(self.modules)
-                mode = "stacked"
-            except (ValueError, TypeError):
-                mode = "masked"
-        elif mode == "stacked":
-            split_stacked(self.modules)
-        self.mode = mode
-
-    def __call__(self, x: Array, *, ids: Array | None = None, **ctx: Any) -> Array:
-        _check_x(x)
-        ids = ctx.get("task_ids") if ids is None else ids
-        if ids is None:
-            raise ValueError("BatchSplit needs ids=[B] (or task_ids=[B]), got None")
-        ids = jnp.asarray(ids)
-        if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.shape != x.shape[:1]:
-            raise ValueError(
-                f"ids must be int [B] with B = {x.shape[0]}, got {ids.dtype} {ids.shape}"
-            )
-        if self.mode == "masked":
-            outs = jnp.stack([_call(m, x, ctx) for m in self.modules])  # [E, B, ...]
-            idx = ids.reshape((1, -1) + (1,) * (outs.ndim - 2))
-            return jnp.take_along_axis(outs, idx, axis=0)[0]
-        *_, stacked = split_stacked(self.modules)
-        per_row = [jnp.take(leaf, ids, axis=0) for leaf in stacked]
-        return _per_row_apply(self.modules, x, per_row)
-
-
-class Split(Composition):
-    """Split by position: ``x[..., :n, :]`` goes through ``first``, ``x[..., n:, :]``
-    through ``rest``, and the outputs are concatenated back along the position axis
-    (e.g. prompt positions to one module, text positions to another)."""
-
-    def __init__(self, first: Callable[..., Array], rest: Callable[..., Array], *, n: int):
-        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-            raise ValueError(f"n must be a non-negative int, got {n!r}")
-        for name, m in (("first", first), ("rest", rest)):
-            if not callable(m):
-                raise ValueError(f"{name} must be a callable module, got {type(m).__name__}")
-        self.first, self.rest, self.n = first, rest, n
-
-    def __call__(self, x: Array, **ctx: Any) -> Array:
-        _check_x(x)
-        if x.ndim < 2 or not 0 <= self.n <= x.shape[-2]:
-            raise ValueError(f"Split(n={self.n}) needs x [..., T >= n, D], got {x.shape}")
-        parts = []
-        if self.n > 0:
-            parts.append(_call(self.first, x[..., : self.n, :], ctx))
-        if self.n < x.shape[-2]:
-            parts.append(_call(self.rest, x[..., self.n :, :], ctx))
-        return jnp.concatenate(parts, axis=-2) if len(parts) > 1 else parts[0]
-
-
 __all__ = [
     "AGGREGATORS",
-    "Average",
-    "BatchSplit",
     "Composition",
-    "Fuse",
-    "FusionParam",
     "Mixture",
     "MixtureOfAdapters",
     "MixtureOutput",
-    "Parallel",
-    "Split",
-    "Stack",
+    "StackedModules",
+    "as_module_list",
+    "call_child",
+    "check_input",
     "merge_modules",
+    "merged_module",
+    "per_row_apply",
     "split_stacked",
 ]
