@@ -99,6 +99,61 @@ def apply_surgery(model, steps: Mapping[str, Mapping[str, Any]], seed: int):
     return model
 
 
+def _flatten(tree: Mapping, prefix: tuple = ()) -> dict[tuple, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(_flatten(v, (*prefix, k)))
+        else:
+            out[(*prefix, k)] = v
+    return out
+
+
+def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        node = out
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = v
+    return out
+
+
+def load_base_params(params: dict, path: str, base_model_fn, mesh) -> dict:
+    """``params`` with the base-model parameters exported to ``path`` (``params.npz`` of
+    an earlier run) put in place; surgery wrappers keep the wrapped module as ``base``,
+    so ``a/query/kernel`` of the file goes to ``a/query/base/kernel`` after a LoRA."""
+    import jax
+    from flax import nnx
+
+    from modjax.sharding import state_shardings
+    from modjax.train.checkpoint import load_params
+
+    if not os.path.isfile(path):
+        raise ValueError(f"init_from must be a params.npz file, got {path!r}")
+    _, abs_params, _ = nnx.split(nnx.eval_shape(base_model_fn), nnx.Param, ...)
+    shardings = state_shardings(abs_params, mesh)
+    target = jax.tree.map(
+        lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s),
+        nnx.to_pure_dict(abs_params), shardings,
+    )  # fmt: skip
+    loaded = _flatten(load_params(path, target))
+    flat = _flatten(params)
+    for src, value in loaded.items():
+        dst = src
+        while dst not in flat and len(dst) < len(src) + 4:
+            dst = (*dst[:-1], "base", dst[-1])
+        if dst not in flat:
+            raise ValueError(f"init_from: parameter {'/'.join(map(str, src))} has no place")
+        if flat[dst].shape != value.shape:
+            raise ValueError(
+                f"init_from: {'/'.join(map(str, src))} has shape {value.shape}, the model "
+                f"{flat[dst].shape}"
+            )
+        flat[dst] = jax.device_put(value.astype(flat[dst].dtype), flat[dst].sharding)
+    return _unflatten(flat)
+
+
 def build(config, workdir: str, *, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Everything a run needs, from a locked ConfigDict (see module docstring)."""
     import jax
@@ -168,6 +223,12 @@ def build(config, workdir: str, *, log: Callable[[str], None] = print) -> dict[s
         return make_optimizer(opt_config, holder["labels"])
 
     graphdef, state, tx, shardings = init_train_state(model_fn, tx_fn, mesh)
+    init_from = str(config.get("init_from", "") or "")
+    if init_from:
+        base_fn = lambda: make_model(model_name, model_kwargs, rngs=nnx.Rngs(int(config.seed)))
+        params = load_base_params(state.params, init_from, base_fn, mesh)
+        state = state._replace(params=params)
+        log(f"base parameters from {init_from}")
     _, _, abs_rest = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
     step_fn = make_train_step(
         graphdef, tx, task, labels=holder["labels"], bias_mask=_router_bias_mask(abs_rest),
@@ -214,13 +275,18 @@ def run(config, workdir: str, *, step_callback=None, log: Callable[[str], None] 
     finally:
         writer.close()
         checkpoints.close()
+    if not summary["preempted"]:
+        from modjax.train.checkpoint import save_params
+
+        save_params(os.path.join(workdir, "params.npz"), state.params)
     if loop.plots and not summary["preempted"]:
         summary["plots"] = _write_plots(workdir, log)
     summary["state"] = state
     log(
         f"done at step {summary['step']} ({summary['skipped']} skipped). Workdir {workdir}: "
         f"metrics {os.path.join(workdir, 'metrics.jsonl')}, checkpoints "
-        f"{os.path.join(workdir, 'checkpoints')}, plots {os.path.join(workdir, 'plots')}"
+        f"{os.path.join(workdir, 'checkpoints')}, plots {os.path.join(workdir, 'plots')}, "
+        f"final parameters {os.path.join(workdir, 'params.npz')}"
     )
     return summary
 
