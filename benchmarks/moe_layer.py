@@ -231,13 +231,15 @@ def main():
         f"median of {a.iters} calls after 3 warm-up; Pallas tiles {_tiles()}"
     )
     tables = [header]
-    for shape in shapes:
-        tables.append(run_shape(*shape, dtype, methods, a.iters, print))
-    text = "\n".join(tables)
-    print(text)
     if a.out:
         with open(a.out, "a") as fh:
-            fh.write(text + "\n")
+            fh.write(header + "\n")
+    for shape in shapes:
+        tables.append(run_shape(*shape, dtype, methods, a.iters, print))
+        if a.out:  # each shape as it finishes: a run cut short keeps what it measured
+            with open(a.out, "a") as fh:
+                fh.write(tables[-1] + "\n")
+    print("\n".join(tables))
 
 
 if __name__ == "__main__":

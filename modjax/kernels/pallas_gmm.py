@@ -29,9 +29,9 @@ from modjax.typing import Array
 #: keeps 3 stages: 4 stages of two 128x128 bf16 tiles exceed Hopper's shared memory.
 TILES = {
     "bk": 64,
-    "bn": 128,
+    "bn": 256,
     "num_warps": 8,
-    "num_stages": 4,
+    "num_stages": 3,
     "t_bk": 128,
     "t_bn": 128,
     "t_num_warps": 8,

@@ -43,8 +43,12 @@ def _setup(seed, m, k, n, g, bs, kind, dtype=jnp.float32, transpose=False):
     return ids, pos, src, layout, jnp.asarray(x, dtype), jnp.asarray(w, dtype)
 
 
+# On GPU, float32 dots run in TF32 (XLA's and Triton's default): ~1e-3 relative error.
+F32_TOL = dict(rtol=5e-3, atol=5e-3) if GPU else dict(rtol=1e-4, atol=1e-4)
+
+
 def _tol(dtype):
-    return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else F32_TOL
 
 
 def test_sort_to_blocks_layout():
@@ -118,7 +122,7 @@ def test_tgmm_matches_reference_with_empty_groups(impl):
     ref = np.zeros((g, k, n), np.float32)
     for i in range(m):
         ref[ids[i]] += np.outer(np.asarray(x[i]), np.asarray(dy[i]))
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(out, ref, **F32_TOL)
     assert (np.asarray(out[1]) == 0).all() and (np.asarray(out[g - 1]) == 0).all()
 
 
