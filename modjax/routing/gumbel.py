@@ -3,6 +3,8 @@ hard routing (Bengio et al. 2013): discrete choices with a gradient to the route
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -14,6 +16,7 @@ from modjax.routing.types import Routing
 from modjax.typing import Array, PRNGKey
 
 
+@functools.partial(jax.jit, static_argnames=("k", "capacity"))
 def _straight_through(soft: Array, k: int, capacity: int | None) -> Routing:
     """Top-k of ``soft`` ``[..., T, E]`` with forward weight 1/k and the gradient of soft."""
 
@@ -43,8 +46,15 @@ def straight_through_routing(
     t, e = logits.shape[-2:]
     k = checks.check_k(k, e)
     cap = checks.resolve_capacity(t, e, k, capacity_factor, capacity)
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return _straight_through(probs, k, cap)
+    return _straight_through(_softmax(logits, 1.0), k, cap)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature",))
+def _softmax(logits: Array, temperature: float, noise_key: PRNGKey | None = None) -> Array:
+    lg = logits.astype(jnp.float32)
+    if noise_key is not None:
+        lg = lg + jax.random.gumbel(noise_key, lg.shape, jnp.float32)
+    return jax.nn.softmax(lg / temperature, axis=-1)
 
 
 def gumbel_softmax_routing(
@@ -76,10 +86,7 @@ def gumbel_softmax_routing(
     logits = checks.check_scores("logits", logits)
     checks.check_positive("temperature", temperature)
     t, e = logits.shape[-2:]
-    lg = logits.astype(jnp.float32)
-    if rng is not None:
-        lg = lg + jax.random.gumbel(rng, lg.shape, jnp.float32)
-    y = jax.nn.softmax(lg / temperature, axis=-1)
+    y = _softmax(logits, temperature, rng)
     if not hard:
         return mixture_routing(y)
     k = checks.check_k(k, e)

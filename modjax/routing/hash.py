@@ -3,6 +3,9 @@ parameter-free map from token id to expert."""
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from modjax.routing import checks
@@ -14,6 +17,7 @@ from modjax.typing import Array
 _GOLDEN = 0x9E3779B1  # Knuth's multiplicative hash constant, 2^32 / golden ratio
 
 
+@functools.partial(jax.jit, static_argnames=("num_experts", "seed"))
 def hash_expert(token_ids: Array, num_experts: int, *, seed: int = 0) -> Array:
     """int32 ``[...]`` expert of each token id: a multiplicative hash modulo E."""
     h = (token_ids.astype(jnp.uint32) + jnp.uint32(seed)) * jnp.uint32(_GOLDEN)

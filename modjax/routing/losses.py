@@ -12,6 +12,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -25,6 +27,7 @@ def _check_routing(routing) -> None:
         raise TypeError(f"routing must be a Routing or DenseRouting, got {type(routing).__name__}")
 
 
+@functools.partial(jax.jit, static_argnames=("kept_only",))
 def assignment_counts(routing: Routing | DenseRouting, *, kept_only: bool = False) -> Array:
     """float32 ``[..., E]``: assignments per expert in each group.
 

@@ -12,6 +12,8 @@ parameter aggregation, not token dispatch.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -39,6 +41,11 @@ def skill_allocation(
     """
     logits = checks.check_scores("logits", logits)
     checks.check_positive("temperature", temperature)
+    return _allocation_impl(logits, rng, temperature=temperature, eps=eps)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature", "eps"))
+def _allocation_impl(logits: Array, rng, *, temperature: float, eps: float) -> Array:
     lg = logits.astype(jnp.float32)
     if rng is None:
         z = jax.nn.sigmoid(lg)

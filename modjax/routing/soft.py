@@ -4,6 +4,8 @@ to Soft Mixtures of Experts")."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -14,6 +16,7 @@ from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array
 
 
+@jax.jit
 def mixture_routing(probs: Array, *, valid: Array | None = None) -> Routing:
     """A dropless Routing with K = E: token t uses expert e with weight ``probs[t, e]``.
 
@@ -42,8 +45,12 @@ def soft_routing(logits: Array, *, temperature: float = 1.0) -> Routing:
     """
     logits = checks.check_scores("logits", logits)
     checks.check_positive("temperature", temperature)
-    probs = jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1)
-    return mixture_routing(probs)
+    return _soft_impl(logits, temperature=temperature)
+
+
+@functools.partial(jax.jit, static_argnames=("temperature",))
+def _soft_impl(logits: Array, *, temperature: float) -> Routing:
+    return mixture_routing(jax.nn.softmax(logits.astype(jnp.float32) / temperature, axis=-1))
 
 
 def soft_moe_routing(logits: Array) -> DenseRouting:
@@ -61,6 +68,11 @@ def soft_moe_routing(logits: Array) -> DenseRouting:
       weight per expert.
     """
     logits = checks.check_scores("logits", logits, min_rank=3)
+    return _soft_moe_impl(logits)
+
+
+@jax.jit
+def _soft_moe_impl(logits: Array) -> DenseRouting:
     lg = logits.astype(jnp.float32)
     dispatch = jax.nn.softmax(lg, axis=-3)
     flat = lg.reshape(lg.shape[:-2] + (-1,))

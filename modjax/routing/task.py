@@ -3,6 +3,9 @@ routing of adapters, Pfeiffer et al. 2023, "Modular Deep Learning", section 4.1)
 
 from __future__ import annotations
 
+import functools
+
+import jax
 import jax.numpy as jnp
 
 from modjax.routing import checks
@@ -45,6 +48,11 @@ def fixed_routing(
         weight = jnp.full(expert_index.shape, 1.0 / expert_index.shape[-1], jnp.float32)
     elif weight.shape != expert_index.shape:
         raise ValueError(f"weight must have shape {expert_index.shape}, got {weight.shape}")
+    return _fixed_impl(expert_index, weight, valid, num_experts=num_experts, capacity=capacity)
+
+
+@functools.partial(jax.jit, static_argnames=("num_experts", "capacity"))
+def _fixed_impl(expert_index, weight, valid, *, num_experts: int, capacity) -> Routing:
     in_range = jnp.all((expert_index >= 0) & (expert_index < num_experts), axis=-1)
     valid = in_range if valid is None else valid & in_range
     index = jnp.clip(expert_index, 0, num_experts - 1)

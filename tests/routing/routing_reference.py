@@ -56,3 +56,10 @@ def combine_reference(out, expert_index, slot, kept, weight):
             if kept[tok, j]:
                 y[tok] += weight[tok, j] * out[expert_index[tok, j], slot[tok, j]]
     return y
+
+
+def rnd(seed, shape, scale=1.0):
+    """Standard normal float32 test input from numpy (no per-shape jax compile)."""
+    import jax.numpy as jnp
+
+    return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)

@@ -1,19 +1,25 @@
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from routing_reference import combine_reference, dispatch_reference
 
 from modjax.routing.dispatch import combine, dispatch
 from modjax.routing.expert_choice import expert_choice_routing
 from modjax.routing.soft import soft_moe_routing
 from modjax.routing.top_k import top_k_routing
 
+# pytest runs in importlib mode: make the shared loop references importable
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from routing_reference import combine_reference, dispatch_reference, rnd
+
 
 @pytest.mark.parametrize("capacity", [None, 2])
 def test_sparse_dispatch_combine_match_loops(capacity):
-    logits = jax.random.normal(jax.random.key(0), (9, 3))
-    x = jax.random.normal(jax.random.key(1), (9, 5))
+    logits = rnd(0, (9, 3))
+    x = rnd(1, (9, 5))
     r = top_k_routing(logits, 2, capacity=capacity)
     c = r.buffer_capacity()
     buf = jax.jit(dispatch)(x, r)
@@ -31,9 +37,9 @@ def test_sparse_dispatch_combine_match_loops(capacity):
 
 
 def test_gradients_match_dense_path():
-    logits = jax.random.normal(jax.random.key(2), (8, 4))
-    x = jax.random.normal(jax.random.key(3), (8, 3))
-    w = jax.random.normal(jax.random.key(4), (4, 3, 3))
+    logits = rnd(2, (8, 4))
+    x = rnd(3, (8, 3))
+    w = rnd(4, (4, 3, 3))
 
     def layer(x, logits, use_dense):
         r = top_k_routing(logits, 2, capacity=3)
@@ -58,8 +64,8 @@ def test_dropped_slot_with_nan_output_adds_zero():
 
 
 def test_dense_routing_einsum_and_groups():
-    logits = jax.random.normal(jax.random.key(5), (2, 6, 3, 2))
-    x = jax.random.normal(jax.random.key(6), (2, 6, 4))
+    logits = rnd(5, (2, 6, 3, 2))
+    x = rnd(6, (2, 6, 4))
     r = soft_moe_routing(logits)
     buf = dispatch(x, r)
     assert buf.shape == (2, 3, 2, 4)

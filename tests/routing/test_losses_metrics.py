@@ -1,8 +1,10 @@
+import pathlib
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from routing_reference import softmax
 from scipy.stats import norm
 
 from modjax.routing.expert_choice import expert_choice_routing
@@ -17,9 +19,13 @@ from modjax.routing.losses import (
 from modjax.routing.metrics import routing_metrics
 from modjax.routing.top_k import top_k_routing
 
+# pytest runs in importlib mode: make the shared loop references importable
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from routing_reference import rnd, softmax
+
 
 def test_switch_loss_matches_formula_and_grad_moves_mass_away():
-    logits = jax.random.normal(jax.random.key(0), (2, 12, 4)) + jnp.array([2.0, 0, 0, 0])
+    logits = rnd(0, (2, 12, 4)) + jnp.array([2.0, 0, 0, 0])
     r = top_k_routing(logits, 2, capacity=4)
     p = softmax(np.asarray(logits)).reshape(-1, 4)
     idx = np.asarray(r.expert_index).reshape(-1, 2)
@@ -36,7 +42,7 @@ def test_switch_loss_matches_formula_and_grad_moves_mass_away():
 
 
 def test_z_and_sequence_losses():
-    logits = jax.random.normal(jax.random.key(1), (3, 5, 4)) * 3
+    logits = rnd(1, (3, 5, 4)) * 3
     a = np.asarray(logits, np.float64)
     lse = np.log(np.exp(a).sum(-1))
     np.testing.assert_allclose(jax.jit(router_z_loss)(logits), np.mean(lse**2), rtol=1e-5)
@@ -54,13 +60,13 @@ def test_z_and_sequence_losses():
 
 
 def test_importance_and_load_losses():
-    gates = jax.random.uniform(jax.random.key(2), (6, 4))
+    gates = jnp.abs(rnd(2, (6, 4)))
     imp = np.asarray(gates).sum(0)
     np.testing.assert_allclose(importance_loss(gates), imp.var() / imp.mean() ** 2, rtol=1e-5)
     r = top_k_routing(jnp.asarray(gates), 1)
     np.testing.assert_allclose(importance_loss(r), importance_loss(r.dense_weights()), rtol=1e-6)
-    clean = jax.random.normal(jax.random.key(3), (6, 4))
-    noisy = clean + 0.5 * jax.random.normal(jax.random.key(4), (6, 4))
+    clean = rnd(3, (6, 4))
+    noisy = clean + 0.5 * rnd(4, (6, 4))
     k = 2
     c, n = np.asarray(clean, np.float64), np.asarray(noisy, np.float64)
     prob = np.zeros((6, 4))
@@ -79,7 +85,7 @@ def test_importance_and_load_losses():
 
 
 def test_aux_free_bias_balances_skewed_scores():
-    logits = jax.random.normal(jax.random.key(5), (256, 8)) + jnp.linspace(3.0, 0.0, 8)
+    logits = rnd(5, (256, 8)) + jnp.linspace(3.0, 0.0, 8)
     before = routing_metrics(top_k_routing(logits, 2))["max_load"]
     assert float(before) > 2.0
 

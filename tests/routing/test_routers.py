@@ -1,10 +1,11 @@
 import math
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from routing_reference import softmax, top_k_reference
 
 from modjax.routing.balanced import balanced_routing, sinkhorn_plan
 from modjax.routing.expert_choice import expert_choice_routing
@@ -18,9 +19,13 @@ from modjax.routing.soft import soft_moe_routing, soft_routing
 from modjax.routing.task import fixed_routing, task_routing
 from modjax.routing.top_k import top_k_routing
 
+# pytest runs in importlib mode: make the shared loop references importable
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from routing_reference import rnd, softmax, top_k_reference
+
 
 def test_expert_choice_matches_loop():
-    logits = jax.random.normal(jax.random.key(0), (10, 4))
+    logits = rnd(0, (10, 4))
     r = jax.jit(lambda x: expert_choice_routing(x, capacity_factor=2.0))(logits)
     c = math.ceil(2.0 * 10 / 4)
     p = softmax(np.asarray(logits))
@@ -36,7 +41,7 @@ def test_expert_choice_matches_loop():
 
 
 def test_expert_choice_nan_and_bad_capacity():
-    logits = jax.random.normal(jax.random.key(1), (4, 2)).at[1, 0].set(jnp.nan)
+    logits = rnd(1, (4, 2)).at[1, 0].set(jnp.nan)
     r = expert_choice_routing(logits, capacity=4)
     assert float(r.dispatch[1].sum()) == 0 and np.all(np.isfinite(r.combine))
     np.testing.assert_allclose(r.dispatch.sum((0, 2)), 3.0)  # only 3 valid tokens fill slots
@@ -70,7 +75,7 @@ def test_hash_routing():
 
 
 def test_balanced_routing_balances_skewed_scores():
-    logits = jax.random.normal(jax.random.key(2), (32, 4)) + jnp.array([3.0, 1.0, 0.0, 0.0])
+    logits = rnd(2, (32, 4)) + jnp.array([3.0, 1.0, 0.0, 0.0])
     plan = np.exp(np.asarray(sinkhorn_plan(logits, num_iters=50)))
     np.testing.assert_allclose(plan.sum(1), 1.0, rtol=1e-4)
     np.testing.assert_allclose(plan.sum(0), 8.0, rtol=1e-2)
@@ -87,11 +92,11 @@ def test_balanced_routing_balances_skewed_scores():
 
 
 def test_soft_routing_and_soft_moe():
-    logits = jax.random.normal(jax.random.key(3), (5, 3))
+    logits = rnd(3, (5, 3))
     r = soft_routing(logits, temperature=2.0)
     np.testing.assert_allclose(r.weight, softmax(np.asarray(logits) / 2.0), rtol=1e-5)
     assert r.k == 3 and r.capacity is None and bool(r.kept.all())
-    lg = jax.random.normal(jax.random.key(4), (5, 3, 2))
+    lg = rnd(4, (5, 3, 2))
     sm = jax.jit(soft_moe_routing)(lg)
     a = np.asarray(lg, np.float64)
     disp = np.exp(a) / np.exp(a).sum(0, keepdims=True)
@@ -104,13 +109,13 @@ def test_soft_routing_and_soft_moe():
 
 
 def test_gumbel_and_straight_through():
-    logits = jax.random.normal(jax.random.key(5), (6, 4))
+    logits = rnd(5, (6, 4))
     st = straight_through_routing(logits, 2)
     np.testing.assert_array_equal(
         st.expert_index, top_k_reference(np.asarray(logits), 2)["expert_index"]
     )
     np.testing.assert_allclose(st.weight, 0.5)
-    c = jax.random.normal(jax.random.key(6), (6, 2))
+    c = rnd(6, (6, 2))
     g = jax.grad(lambda x: jnp.sum(straight_through_routing(x, 2).weight * c))(logits)
     idx = np.asarray(st.expert_index)
     g_ref = jax.grad(lambda x: jnp.sum(jnp.take_along_axis(jax.nn.softmax(x), idx, 1) * c))(logits)
@@ -149,7 +154,7 @@ def test_fixed_and_task_routing():
 
 
 def test_polytropon_skill_allocation():
-    logits = jax.random.normal(jax.random.key(8), (3, 2, 4))
+    logits = rnd(8, (3, 2, 4))
     w = skill_allocation(logits)
     s = 1 / (1 + np.exp(-np.asarray(logits, np.float64)))
     np.testing.assert_allclose(w, s / (s.sum(-1, keepdims=True) + 1e-6), rtol=1e-5)
@@ -177,7 +182,7 @@ def test_groups_and_granularity():
     np.testing.assert_allclose(pool_tokens(x)[:, 0], np.asarray(x).mean(1))
     mask = jnp.array([[True, False] * 3, [True] * 6])
     np.testing.assert_allclose(pool_tokens(x, mask)[0, 0], np.asarray(x)[0, ::2].mean(0))
-    seq = top_k_routing(jax.random.normal(jax.random.key(10), (2, 1, 4)), 2)
+    seq = top_k_routing(rnd(10, (2, 1, 4)), 2)
     r = broadcast_routing(seq, 5)
     assert r.expert_index.shape == (2, 5, 2) and r.capacity is None
     np.testing.assert_array_equal(r.expert_index, np.broadcast_to(seq.expert_index, (2, 5, 2)))

@@ -1,12 +1,17 @@
 import math
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from routing_reference import top_k_reference
 
 from modjax.routing.top_k import queue_slots, top_k_routing
+
+# pytest runs in importlib mode: make the shared loop references importable
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from routing_reference import rnd, top_k_reference
 
 
 def _check_against_reference(r, ref):
@@ -23,7 +28,7 @@ def _check_against_reference(r, ref):
     "k,cf,bp", [(1, None, False), (1, 1.0, False), (2, 1.0, False), (2, 0.5, True), (3, 1.25, True)]
 )
 def test_matches_loop_reference(k, cf, bp):
-    logits = jax.random.normal(jax.random.key(k), (24, 6)) * 2
+    logits = rnd(k, (24, 6), 2.0)
     r = jax.jit(lambda x: top_k_routing(x, k, capacity_factor=cf, batch_priority=bp))(logits)
     cap = None if cf is None else math.ceil(cf * 24 * k / 6)
     assert r.capacity == cap and r.num_experts == 6
@@ -39,7 +44,7 @@ def test_matches_loop_reference(k, cf, bp):
 
 
 def test_bias_changes_selection_not_weights():
-    logits = jax.random.normal(jax.random.key(1), (16, 4))
+    logits = rnd(1, (16, 4))
     bias = jnp.array([5.0, 0.0, 0.0, 0.0])
     r = top_k_routing(logits, 1, bias=bias)
     assert np.all(r.expert_index[:, 0] == 0)
@@ -49,7 +54,7 @@ def test_bias_changes_selection_not_weights():
 
 
 def test_groups_are_routed_independently():
-    logits = jax.random.normal(jax.random.key(2), (3, 2, 8, 4))
+    logits = rnd(2, (3, 2, 8, 4))
     r = top_k_routing(logits, 2, capacity=3)
     assert r.expert_index.shape == (3, 2, 8, 2) and r.probs.shape == (3, 2, 8, 4)
     for a in range(3):
@@ -61,8 +66,8 @@ def test_groups_are_routed_independently():
 
 
 def test_gradient_matches_reference_formula():
-    logits = jax.random.normal(jax.random.key(3), (10, 5))
-    c = jax.random.normal(jax.random.key(4), (10, 2))
+    logits = rnd(3, (10, 5))
+    c = rnd(4, (10, 2))
 
     def f(x):
         return jnp.sum(top_k_routing(x, 2, capacity=3).weight * c)
@@ -96,7 +101,7 @@ def test_all_tokens_prefer_one_expert_capacity_one():
 
 
 def test_k_equals_num_experts_and_empty_experts():
-    logits = jax.random.normal(jax.random.key(5), (7, 3))
+    logits = rnd(5, (7, 3))
     r = top_k_routing(logits, 3)
     np.testing.assert_array_equal(np.sort(r.expert_index, -1), np.tile(np.arange(3), (7, 1)))
     np.testing.assert_allclose(r.weight.sum(-1), 1.0, rtol=1e-6)
@@ -113,7 +118,7 @@ def test_ties_pick_lower_expert_index():
 
 
 def test_nan_token_is_dropped_in_range():
-    logits = jax.random.normal(jax.random.key(6), (6, 4)).at[2, 1].set(jnp.nan)
+    logits = rnd(6, (6, 4)).at[2, 1].set(jnp.nan)
     r = jax.jit(lambda x: top_k_routing(x, 2, capacity=2))(logits)
     assert np.all((np.asarray(r.expert_index) >= 0) & (np.asarray(r.expert_index) < 4))
     assert not r.kept[2].any() and float(jnp.abs(r.weight[2]).sum()) == 0.0
