@@ -21,8 +21,7 @@ from modjax.models import (
 MOE = dict(num_experts=4, k=2, strategy="einsum")  # the fastest to compile on CPU
 
 
-def _apply(model, x):
-    return nnx.jit(lambda m, x: m(x))(model, x)
+_apply = nnx.jit(lambda model, x: model(x))  # one compile per model structure and shape
 
 
 def _lm(**kw):
@@ -86,6 +85,19 @@ def test_moe_placement_and_aux():
     assert aux2["expert_load"].shape == (2, 4)
 
 
+def test_encoder_tokens_forward():
+    enc = EncoderClassifier(
+        EncoderConfig(
+            num_classes=3, vocab_size=32, max_len=8, d_model=16, num_heads=2, d_ff=32
+        ),  # fmt: skip
+        rngs=nnx.Rngs(0),
+    )
+    logits, aux = _apply(enc, jnp.zeros((2, 6), jnp.int32))
+    assert logits.shape == (2, 3) and "expert_load" not in aux
+    with pytest.raises(ValueError, match="tokens must be"):
+        enc(jnp.zeros((2, 9), jnp.int32))
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="num_heads"):
         TransformerConfig(vocab_size=8, d_model=30, num_heads=4)
@@ -147,13 +159,6 @@ def test_train_step_each_model():
     )
     labels = jnp.array([0, 1, 2, 1])
     _one_step(enc, jax.random.normal(jax.random.key(1), (4, 8, 8)), ce(labels))
-    enc_tok = EncoderClassifier(
-        EncoderConfig(
-            num_classes=3, vocab_size=32, max_len=8, d_model=16, num_heads=2, d_ff=32
-        ),  # fmt: skip
-        rngs=nnx.Rngs(0),
-    )
-    _one_step(enc_tok, tokens, ce(labels))
     mlp = MLP(MLPConfig(in_features=6, num_classes=3, d_model=16, d_ff=32, ffn="moe",
                         sparse_kwargs=MOE), rngs=nnx.Rngs(0))  # fmt: skip
     _one_step(mlp, jax.random.normal(jax.random.key(2), (4, 6)), ce(labels))
