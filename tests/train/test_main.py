@@ -4,6 +4,8 @@ promise), and the console-script entry point is importable."""
 import json
 import os
 
+import pytest
+
 from modjax.train.main import main
 
 TINY = [
@@ -40,3 +42,32 @@ def test_quickstart_workdir(tmp_path, capsys):
 
 def test_help():
     assert main(["--help"]) == 0
+
+
+def test_init_from_puts_base_params_under_lora(tmp_path):
+    import jax
+    import numpy as np
+
+    from modjax.train.checkpoint import save_params
+    from modjax.train.config import apply_override, load_config
+    from modjax.train.main import build
+
+    def config(**over):
+        c = load_config("experiments/lora_finetune.py:tiny")
+        for k, v in over.items():
+            apply_override(c, k, v)
+        return c
+
+    small = {"model.config.num_layers": "1", "model.config.d_model": "16", "data.eval_split": ""}
+    base = build(config(**small, surgery="{}"), str(tmp_path), log=lambda s: None)
+    kernel = base["state"].params["blocks"][0]["attention"]["query"]["kernel"]
+    save_params(str(tmp_path / "params.npz"), jax.tree.map(lambda x: x + 1.0, base["state"].params))
+
+    c = config(**small, init_from=str(tmp_path / "params.npz"))
+    tuned = build(c, str(tmp_path), log=lambda s: None)["state"].params
+    query = tuned["blocks"][0]["attention"]["query"]
+    assert "base" in query and len(query) > 1  # the LoRA wrapper and its factors
+    np.testing.assert_array_equal(np.asarray(query["base"]["kernel"]), np.asarray(kernel) + 1.0)
+    bad = config(**small, init_from=str(tmp_path / "missing.npz"))
+    with pytest.raises(ValueError, match="init_from"):
+        build(bad, str(tmp_path), log=lambda s: None)
