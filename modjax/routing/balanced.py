@@ -80,9 +80,13 @@ def _balanced_impl(logits: Array, *, k: int, num_iters: int, temperature: float,
     def route(lg: Array) -> Routing:
         lg = lg.astype(jnp.float32)
         probs = jax.nn.softmax(lg, axis=-1)
-        plan = jax.lax.stop_gradient(
-            sinkhorn_plan(lg, num_iters=num_iters, temperature=temperature)
+        # a NaN token must not poison the column sums of the whole group: plan it as a
+        # neutral row, then hand select_top_k a NaN row so that it is dropped
+        valid = ~jnp.any(jnp.isnan(lg), axis=-1, keepdims=True)
+        plan = sinkhorn_plan(
+            jnp.where(valid, lg, 0.0), num_iters=num_iters, temperature=temperature
         )
+        plan = jnp.where(valid, jax.lax.stop_gradient(plan), jnp.nan)
         return select_top_k(plan, probs, k, capacity=cap, batch_priority=True, renormalize=True)
 
     return map_groups(route, logits.ndim - 2, logits)

@@ -59,7 +59,8 @@ def soft_moe_routing(logits: Array) -> DenseRouting:
     ``logits[t, e, c] = x_t . phi_{e,c}``; dispatch is the softmax over tokens (each
     slot's input is a weighted average of the group's tokens) and combine the softmax
     over all ``E * C`` slots (each token's output a weighted average of slot outputs).
-    Like expert choice it is not causal: every slot sees its whole group.
+    Like expert choice it is not causal: every slot sees its whole group. For the same
+    reason a NaN logit is not dropped: it makes every slot of its group NaN.
 
     Args:
       logits: float ``[..., T, E, C]`` token-slot scores.

@@ -87,6 +87,9 @@ def test_balanced_routing_balances_skewed_scores():
         np.take_along_axis(softmax(np.asarray(logits)), np.asarray(r.expert_index), 1)[:, 0],
         rtol=1e-5,
     )
+    nan = balanced_routing(logits.at[3, 1].set(jnp.nan))  # only token 3 is dropped
+    assert not nan.kept[3].any() and int(nan.kept.sum()) == 31
+    assert np.all((np.asarray(nan.expert_index) >= 0) & (np.asarray(nan.expert_index) < 4))
     g = jax.grad(lambda x: balanced_routing(x).weight.sum())(logits)
     assert np.all(np.isfinite(g)) and np.abs(np.asarray(g)).sum() > 0
 
@@ -129,6 +132,12 @@ def test_gumbel_and_straight_through():
     np.testing.assert_allclose(hard.weight, 1.0, rtol=1e-6)
     soft = gumbel_softmax_routing(logits, key, temperature=0.5)
     np.testing.assert_allclose(soft.weight, y, rtol=1e-4, atol=1e-6)
+    for r in (
+        straight_through_routing(logits.at[2, 0].set(jnp.nan), 1),
+        soft_routing(logits.at[2, 0].set(jnp.nan)),
+    ):
+        assert not r.kept[2].any() and float(jnp.abs(r.weight).sum()) > 0
+        assert np.all(np.isfinite(r.weight)) and int(r.expert_index.max()) < 4
     ev = gumbel_softmax_routing(logits, None, hard=True)
     np.testing.assert_array_equal(ev.expert_index[:, 0], np.asarray(logits).argmax(-1))
 
