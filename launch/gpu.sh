@@ -9,7 +9,7 @@ fi
 # Latency-hiding scheduling overlaps collectives with compute; Triton GEMM fusion off
 # keeps cuBLAS for the big matmuls; the memory fraction leaves room for NCCL buffers.
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true \
---xla_gpu_enable_triton_gemm=false --xla_gpu_enable_highest_priority_async_stream=true \
+--xla_gpu_enable_triton_gemm=false \
 --xla_gpu_all_reduce_combine_threshold_bytes=134217728 \
 --xla_gpu_all_gather_combine_threshold_bytes=134217728 \
 --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728"
