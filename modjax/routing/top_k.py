@@ -73,7 +73,6 @@ def routing_from_choices(
       the Routing; assignments past capacity or of invalid tokens have kept False and
       weight 0.
     """
-    t = expert_index.shape[0]
     num_experts = probs.shape[-1]
     order = None if priority is None else jnp.argsort(-priority, stable=True)
     slot = queue_slots(expert_index, num_experts, order=order, valid=valid)
@@ -82,7 +81,6 @@ def routing_from_choices(
     if capacity is not None:
         kept = kept & (slot < capacity)
     weight = jnp.where(kept, weight.astype(jnp.float32), 0.0)
-    del t
     return Routing(
         expert_index=expert_index.astype(jnp.int32),
         weight=weight,
