@@ -24,7 +24,8 @@ FFN_KINDS = ("dense", "moe", "mixture")
 PLACEMENTS = ("none", "all", "every", "top", "bottom")
 
 
-def _init(stddev: float = 0.02):
+def normal_init(stddev: float = 0.02):
+    """A normal initializer of standard deviation ``stddev``."""
     return nnx.initializers.normal(stddev)
 
 
@@ -219,7 +220,7 @@ class Attention(nnx.Module):
         def linear(i, o, axes, std):
             return nnx.Linear(
                 i, o, use_bias=False, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=_init(std), kernel_metadata={"logical_axes": axes}, rngs=rngs,
+                kernel_init=normal_init(std), kernel_metadata={"logical_axes": axes}, rngs=rngs,
             )  # fmt: skip
 
         std = d_model**-0.5
@@ -306,6 +307,10 @@ __all__ = [
     "FFNSpec",
     "collect_aux",
     "empty_aux",
+    "normal_init",
+    "resolve_dtypes",
+    "rms_norm",
+    "check_positive",
     "rope",
     "sparse_layer_indices",
 ]

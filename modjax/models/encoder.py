@@ -23,9 +23,9 @@ from modjax.models.blocks import (
     Attention,
     Block,
     FFNSpec,
-    _init,
     check_positive,
     collect_aux,
+    normal_init,
     resolve_dtypes,
     rms_norm,
 )
@@ -122,19 +122,19 @@ class EncoderClassifier(nnx.Module):
         if config.input_kind == "tokens":
             self.embed = nnx.Embed(
                 config.vocab_size, d, dtype=dtype, param_dtype=param_dtype,
-                embedding_init=_init(1.0),
+                embedding_init=normal_init(1.0),
                 embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs,
             )  # fmt: skip
         else:
             patch_dim = config.patch_size**2 * config.channels
             self.embed = nnx.Linear(
                 patch_dim, d, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=_init(patch_dim**-0.5),
+                kernel_init=normal_init(patch_dim**-0.5),
                 kernel_metadata={"logical_axes": (None, "embed")},
                 bias_metadata={"logical_axes": ("embed",)}, rngs=rngs,
             )  # fmt: skip
         self.position = nnx.Param(
-            _init(0.02)(rngs.params(), (config.num_positions, d), param_dtype),
+            normal_init(0.02)(rngs.params(), (config.num_positions, d), param_dtype),
             logical_axes=("length", "embed"),
         )
         self.cls = (

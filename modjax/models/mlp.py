@@ -21,9 +21,9 @@ from flax import nnx
 from modjax.models.blocks import (
     Block,
     FFNSpec,
-    _init,
     check_positive,
     collect_aux,
+    normal_init,
     resolve_dtypes,
     rms_norm,
 )
@@ -89,14 +89,15 @@ class MLP(nnx.Module):
         if config.vocab_size:
             embed = nnx.Embed(
                 config.vocab_size, d, dtype=dtype, param_dtype=param_dtype,
-                embedding_init=_init(1.0),
+                embedding_init=normal_init(1.0),
                 embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs,
             )  # fmt: skip
             in_width = config.in_features * d
         self.embed = embed
         self.input = nnx.Linear(
             in_width, d, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=_init(in_width**-0.5), kernel_metadata={"logical_axes": (None, "embed")},
+            kernel_init=normal_init(in_width**-0.5),
+            kernel_metadata={"logical_axes": (None, "embed")},
             bias_metadata={"logical_axes": ("embed",)}, rngs=rngs,
         )  # fmt: skip
         spec = config.ffn_spec()

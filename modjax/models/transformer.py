@@ -23,9 +23,9 @@ from modjax.models.blocks import (
     Attention,
     Block,
     FFNSpec,
-    _init,
     check_positive,
     collect_aux,
+    normal_init,
     resolve_dtypes,
     rms_norm,
 )
@@ -108,8 +108,8 @@ class TransformerLM(nnx.Module):
         self.dtype = dtype
         self.embed = nnx.Embed(
             config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=_init(1.0), embedding_metadata={"logical_axes": ("vocab", "embed")},
-            rngs=rngs,
+            embedding_init=normal_init(1.0),
+            embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs,
         )  # fmt: skip
         spec = config.ffn_spec()
         blocks = []
@@ -143,7 +143,7 @@ class TransformerLM(nnx.Module):
                 use_bias=False,
                 dtype=dtype,
                 param_dtype=param_dtype,
-                kernel_init=_init(config.d_model**-0.5),
+                kernel_init=normal_init(config.d_model**-0.5),
                 kernel_metadata={"logical_axes": ("embed", "vocab")},
                 rngs=rngs,
             )  # fmt: skip

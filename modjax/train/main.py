@@ -164,19 +164,19 @@ def build(config, workdir: str, *, log: Callable[[str], None] = print) -> dict[s
     from modjax.sharding import make_mesh
     from modjax.train.config import to_kwargs
     from modjax.train.loop import LoopConfig
-    from modjax.train.optim import OptimizerConfig, make_optimizer, param_labels
+    from modjax.train.optim import OptimizerConfig, count_by_label, make_optimizer, param_labels
     from modjax.train.step import (
         TaskConfig,
-        _router_bias_mask,
         init_train_state,
         make_eval_step,
         make_train_step,
+        router_bias_mask,
     )
 
     loop = LoopConfig(**to_kwargs(config.train))
     task = TaskConfig(**to_kwargs(config.task))
     opt_kwargs = to_kwargs(config.optimizer)
-    if opt_kwargs.get("decay_steps") == FROM_DATA:
+    if opt_kwargs.get("decay_steps") == -1:  # cosine decay to the end of the run
         opt_kwargs["decay_steps"] = max(loop.num_steps - opt_kwargs.get("warmup_steps", 0), 1)
     opt_config = OptimizerConfig(**opt_kwargs)
     mesh_kwargs = to_kwargs(config.mesh)
@@ -231,14 +231,12 @@ def build(config, workdir: str, *, log: Callable[[str], None] = print) -> dict[s
         log(f"base parameters from {init_from}")
     _, _, abs_rest = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
     step_fn = make_train_step(
-        graphdef, tx, task, labels=holder["labels"], bias_mask=_router_bias_mask(abs_rest),
+        graphdef, tx, task, labels=holder["labels"], bias_mask=router_bias_mask(abs_rest),
         bias_update_rate=loop.bias_update_rate,
     )  # fmt: skip
     train_step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None))
     eval_step = jax.jit(make_eval_step(graphdef, task))
-    counts: dict[str, int] = {}
-    for p, lab in zip(jax.tree.leaves(state.params), jax.tree.leaves(holder["labels"])):
-        counts[lab] = counts.get(lab, 0) + int(p.size)
+    counts = count_by_label(state.params, holder["labels"])
     log(f"mesh {dict(mesh.shape)}; parameters by partition {counts}")
     return {
         "state": state, "train_step": train_step, "eval_step": eval_step,

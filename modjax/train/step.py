@@ -128,7 +128,8 @@ def weighted_aux_loss(aux_losses: Mapping[str, Array], weights: Mapping[str, flo
     return total
 
 
-def _router_bias_mask(rest_state: nnx.State) -> dict:
+def router_bias_mask(rest_state: nnx.State) -> dict:
+    """A pure dict of booleans: which Variables of ``rest_state`` are ``RouterBias``."""
     try:
         from modjax.layers.router import RouterBias
     except ImportError:
@@ -299,6 +300,7 @@ __all__ = [
     "lm_loss",
     "make_eval_step",
     "make_train_step",
+    "router_bias_mask",
     "split_model",
     "update_router_biases",
     "weighted_aux_loss",

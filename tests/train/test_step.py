@@ -13,9 +13,9 @@ from modjax.train.loop import global_batch
 from modjax.train.optim import OptimizerConfig, make_optimizer, param_labels
 from modjax.train.step import (
     TaskConfig,
-    _router_bias_mask,
     init_train_state,
     make_train_step,
+    router_bias_mask,
     update_router_biases,
     weighted_aux_loss,
 )
@@ -39,7 +39,7 @@ def _setup(mesh, *, aux_loss_free=False, weights=WEIGHTS, bias_rate=0.0):
     _, _, abs_rest = nnx.split(nnx.eval_shape(model_fn), nnx.Param, ...)
     task = TaskConfig(name="classification", input_key="x", target_key="y",
                       aux_loss_weights=weights)  # fmt: skip
-    mask = _router_bias_mask(abs_rest)
+    mask = router_bias_mask(abs_rest)
     step = make_train_step(
         graphdef, tx, task, labels=holder["labels"], bias_mask=mask, bias_update_rate=bias_rate
     )
