@@ -8,6 +8,11 @@ Launch (CPU, under 3 minutes on 2 cores):
 Full size (one GPU):
   bash launch/gpu.sh experiments/moe_char_lm.py workdir/moe_char_lm
 Override anything: ``--config.optimizer.learning_rate=1e-3 --config.train.num_steps=500``.
+Aux-loss-free balancing (router bias moved outside the optimizer, no balancing loss):
+  ... --config.model.config.sparse_kwargs="{'num_experts': 4, 'k': 2, 'aux_loss_free': True}" \
+      --config.train.bias_update_rate=0.001 \
+      --config.task.aux_loss_weights="{'load_balancing': 0.0, 'z_loss': 0.001}"
+Expert parallelism over 8 devices: ``--config.mesh.data=2 --config.mesh.expert=4``.
 """
 
 import ml_collections
