@@ -21,6 +21,7 @@ from modjax.routing.types import Routing
 from modjax.typing import Array
 
 
+@functools.partial(jax.jit, static_argnames=("num_iters", "temperature"))
 def sinkhorn_plan(logits: Array, *, num_iters: int = 20, temperature: float = 1.0) -> Array:
     """Log of the balanced transport plan ``[T, E]``: rows sum to 1, columns to T/E.
 
