@@ -67,11 +67,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
         freeze_patterns=(),
     )
     c.train = dict(
-        num_steps=300 if tiny else 5000,
+        num_steps=500 if tiny else 5000,
         log_every=25 if tiny else 100,
-        eval_every=100 if tiny else 1000,
+        eval_every=250 if tiny else 1000,
         eval_steps=4 if tiny else 20,
-        checkpoint_every=100 if tiny else 1000,
+        checkpoint_every=250 if tiny else 1000,
         keep_checkpoints=3,
         async_checkpoint=True,
         on_nonfinite="skip",
