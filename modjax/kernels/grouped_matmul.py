@@ -320,7 +320,7 @@ class _Static(NamedTuple):
 jax.tree_util.register_pytree_node(_Static, lambda s: ((), tuple(s)), lambda aux, _: _Static(*aux))
 
 
-def _gmm_bwd_full(res, dy):
+def _gmm_bwd(res, dy):
     x, w, layout, static = res
     block_size, transpose_rhs, impl, interpret = static
     dy = dy.astype(x.dtype)
@@ -331,8 +331,8 @@ def _gmm_bwd_full(res, dy):
     return dx, dw.astype(w.dtype), None, None
 
 
-def _gmm_fwd_full(x, w, layout, static):
+def _gmm_fwd(x, w, layout, static):
     return _gmm_core(x, w, layout, static), (x, w, layout, static)
 
 
-_gmm_core.defvjp(_gmm_fwd_full, _gmm_bwd_full)
+_gmm_core.defvjp(_gmm_fwd, _gmm_bwd)
