@@ -74,7 +74,12 @@ def test_multi_process_detection():
 
 
 @pytest.mark.parametrize(
-    "spec", ["experiments/lora_finetune.py:tiny", "experiments/adapter_mixture.py:tiny"]
+    "spec",
+    [
+        "experiments/lora_finetune.py:tiny",
+        "experiments/adapter_mixture.py:tiny",
+        "experiments/vmoe_fashion_mnist.py:tiny",
+    ],
 )
 def test_experiments_build(spec, tmp_path):
     from modjax.train.main import build
