@@ -271,6 +271,7 @@ def run(config, workdir: str, *, step_callback=None, log: Callable[[str], None] 
             step_callback=step_callback,
         )  # fmt: skip
     finally:
+        preemption.uninstall()
         writer.close()
         checkpoints.close()
     if not summary["preempted"]:
