@@ -31,7 +31,7 @@ test: lint data
 	$(BIN)/python -m pytest -q -n 2 --dist loadfile tests
 
 quickstart: $(STAMP) data
-	$(BIN)/python -m modjax.demo
+	$(BIN)/python -m modjax.train --config experiments/moe_char_lm.py:tiny --workdir $(WORKDIR)
 
 clean:
 	rm -rf $(VENV) workdir .pytest_cache .ruff_cache
