@@ -189,7 +189,8 @@ def _gmm_xla(x, w, layout, block_size, transpose_rhs):
         y = jax.lax.dot_general(xk, wg, dims, preferred_element_type=jnp.float32)
         return jax.lax.dynamic_update_index_in_dim(out, y.astype(x.dtype), b, 0)
 
-    out = jnp.zeros((nb, bs, n), x.dtype)
+    # zeros_like (not zeros) so the carry inherits x's varying mesh axes under shard_map
+    out = jnp.zeros_like(x, shape=(nb, bs, n))
     out = jax.lax.fori_loop(0, layout.group_start[-1], body, out)
     return out.reshape(nb * bs, n)
 
@@ -209,7 +210,7 @@ def _tgmm_xla(x, dy, layout, block_size):
         cur = jax.lax.dynamic_index_in_dim(dw, g, keepdims=False)
         return jax.lax.dynamic_update_index_in_dim(dw, cur + upd, g, 0)
 
-    dw = jnp.zeros((layout.num_groups, x.shape[1], dy.shape[1]), jnp.float32)
+    dw = jnp.zeros_like(x, dtype=jnp.float32, shape=(layout.num_groups, x.shape[1], dy.shape[1]))
     return jax.lax.fori_loop(0, layout.group_start[-1], body, dw)
 
 
