@@ -38,12 +38,8 @@ from modjax.layers.mixture import (
     per_row_apply,
     split_stacked,
 )
-from modjax.layers.params import ModuleParam
+from modjax.layers.params import FusionParam
 from modjax.typing import Array, DType
-
-
-class FusionParam(ModuleParam):
-    """AdapterFusion query/key/value projections."""
 
 
 class Stack(Composition):

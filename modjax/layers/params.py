@@ -44,6 +44,10 @@ class HyperParam(ModuleParam):
     """Hypernetwork generator weights and task/layer embeddings."""
 
 
+class FusionParam(ModuleParam):
+    """AdapterFusion query/key/value projections ``[D, D]``."""
+
+
 class ModuleState(nnx.Variable):
     """Fixed, non-trained state of an added module (saved with its parameters)."""
 
@@ -54,6 +58,7 @@ class SparseIndices(ModuleState):
 
 __all__ = [
     "AdapterParam",
+    "FusionParam",
     "HyperParam",
     "IA3Param",
     "LoRAParam",
