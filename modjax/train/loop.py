@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from modjax.sharding import batch_sharding
+from modjax.train.metrics import ProgressBar
 from modjax.train.step import NONFINITE_POLICIES, TrainState
 
 
@@ -106,6 +107,8 @@ def train_loop(
     preemption=None,
     log: Callable[[str], None] = print,
     step_callback: Callable[[int], None] | None = None,
+    token_key: str | None = None,
+    progress_stream=None,
 ) -> tuple[TrainState, dict[str, Any]]:
     """Run ``train_step`` until ``loop.num_steps``, resuming from ``checkpoints``.
 
@@ -118,6 +121,11 @@ def train_loop(
       checkpoints: a ``CheckpointManager``; writer: a ``MetricWriter``.
       preemption: object whose ``.requested`` turns True on SIGTERM (None: never).
       step_callback: called with the step number after each step (tests, profiling).
+      token_key: batch key whose elements count as tokens, for ``tokens_per_s`` in
+        the metrics and the progress bar (None: no token rate).
+      progress_stream: where a TTY gets a live progress bar (steps/s, tokens/s, loss);
+        it then replaces the per-``log_every`` train lines on the console (the metrics
+        file still gets them). Not a TTY, or None: plain train lines only.
 
     Returns:
       ``(state, summary)`` where summary holds ``"step"``, ``"preempted"``,
@@ -143,10 +151,19 @@ def train_loop(
         metrics = evaluate(eval_step, state, eval_data_fn(), mesh, loop.eval_steps)
         writer.write(step, {f"eval/{k}": v for k, v in metrics.items()})
         summary["eval"] = metrics
-        log(f"step {step} eval " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+        say(f"step {step} eval " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
 
     pending = None  # the previous step's metrics, checked after the next is dispatched
-    t0, t_steps = time.perf_counter(), 0
+    t0, t_steps, t_tokens = time.perf_counter(), 0, 0
+    isatty = getattr(progress_stream, "isatty", lambda: False)()
+    bar = ProgressBar(loop.num_steps, initial=step, stream=progress_stream) if isatty else None
+    loss = None  # the last logged loss, shown by the bar between log steps (no device sync)
+
+    def say(message: str):
+        if bar is not None:
+            bar.write(message)
+        else:
+            log(message)
 
     def check(prev_step, metrics):
         if loop.on_nonfinite == "stop" and float(metrics["nonfinite"]):
@@ -154,46 +171,59 @@ def train_loop(
             raise FloatingPointError(nonfinite_message(prev_step, _scalars(metrics)))
 
     with jax.set_mesh(mesh):
-        while step < loop.num_steps:
-            batch = global_batch(next(train_data), mesh)
-            state, metrics = train_step(state, batch)
-            step += 1
-            t_steps += 1
+        try:
+            while step < loop.num_steps:
+                local = next(train_data)
+                # each process holds its own shard of the global batch
+                tokens = np.size(local[token_key]) * jax.process_count() if token_key else 0
+                state, metrics = train_step(state, global_batch(local, mesh))
+                step += 1
+                t_steps += 1
+                t_tokens += tokens
+                if pending is not None:
+                    check(*pending)
+                pending = (step, metrics)
+                if step % loop.log_every == 0 or step == loop.num_steps:
+                    check(*pending)
+                    scalars = _scalars(metrics)
+                    elapsed = max(time.perf_counter() - t0, 1e-9)
+                    scalars["steps_per_s"] = t_steps / elapsed
+                    if token_key:
+                        scalars["tokens_per_s"] = t_tokens / elapsed
+                    scalars["skipped"] = float(state.skipped)
+                    t0, t_steps, t_tokens = time.perf_counter(), 0, 0
+                    writer.write(step, scalars)
+                    if "expert_load" in metrics and hasattr(writer, "write_array"):
+                        writer.write_array(step, "expert_load", np.asarray(metrics["expert_load"]))
+                    summary["train"] = scalars
+                    loss = scalars.get("loss")
+                    if bar is None:  # the bar shows rates and loss live instead
+                        log(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+                if bar is not None:
+                    bar.update(step, loss=loss, tokens=tokens)
+                if step_callback is not None:
+                    step_callback(step)
+                if loop.eval_every and step % loop.eval_every == 0 and step < loop.num_steps:
+                    run_eval()
+                if preemption is not None and preemption.requested:
+                    check(*pending)
+                    save(force=True)
+                    checkpoints.wait()
+                    summary["preempted"] = True
+                    say(f"preempted: checkpoint saved at step {step}; rerun the command to resume")
+                    break
+                if step % loop.checkpoint_every == 0 and step < loop.num_steps:
+                    save(force=False)
             if pending is not None:
                 check(*pending)
-            pending = (step, metrics)
-            if step % loop.log_every == 0 or step == loop.num_steps:
-                check(*pending)
-                scalars = _scalars(metrics)
-                elapsed = time.perf_counter() - t0
-                scalars["steps_per_s"] = t_steps / max(elapsed, 1e-9)
-                scalars["skipped"] = float(state.skipped)
-                t0, t_steps = time.perf_counter(), 0
-                writer.write(step, scalars)
-                if "expert_load" in metrics and hasattr(writer, "write_array"):
-                    writer.write_array(step, "expert_load", np.asarray(metrics["expert_load"]))
-                summary["train"] = scalars
-                log(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
-            if step_callback is not None:
-                step_callback(step)
-            if loop.eval_every and step % loop.eval_every == 0 and step < loop.num_steps:
+            if not summary["preempted"]:
+                if latest != step:
+                    save(force=True)
                 run_eval()
-            if preemption is not None and preemption.requested:
-                check(*pending)
-                save(force=True)
-                checkpoints.wait()
-                summary["preempted"] = True
-                log(f"preempted: checkpoint saved at step {step}; rerun the command to resume")
-                break
-            if step % loop.checkpoint_every == 0 and step < loop.num_steps:
-                save(force=False)
-        if pending is not None:
-            check(*pending)
-        if not summary["preempted"]:
-            if latest != step:
-                save(force=True)
-            run_eval()
-        checkpoints.wait()
+            checkpoints.wait()
+        finally:
+            if bar is not None:
+                bar.close()
     summary["step"] = step
     summary["skipped"] = int(state.skipped)
     return state, summary

@@ -241,12 +241,19 @@ def build(config, workdir: str, *, log: Callable[[str], None] = print) -> dict[s
     return {
         "state": state, "train_step": train_step, "eval_step": eval_step,
         "train_data": train_data, "eval_data_fn": eval_data_fn, "mesh": mesh, "loop": loop,
-        "graphdef": graphdef, "param_counts": counts,
+        "graphdef": graphdef, "param_counts": counts, "task": task,
     }  # fmt: skip
+
+
+def _token_key(task) -> str | None:
+    """The batch key counted for tokens/s: an LM's inputs (classification: none)."""
+    return task.input_key if task.name == "lm" else None
 
 
 def run(config, workdir: str, *, step_callback=None, log: Callable[[str], None] = print) -> dict:
     """Train ``config`` in ``workdir`` (resuming if it holds checkpoints)."""
+    import jax
+
     from modjax.train.checkpoint import CheckpointManager, install_preemption_handlers
     from modjax.train.loop import train_loop
     from modjax.train.metrics import MetricWriter
@@ -268,7 +275,8 @@ def run(config, workdir: str, *, step_callback=None, log: Callable[[str], None] 
             eval_step=parts["eval_step"], train_data=parts["train_data"],
             eval_data_fn=parts["eval_data_fn"], mesh=parts["mesh"], loop=loop,
             checkpoints=checkpoints, writer=writer, preemption=preemption, log=log,
-            step_callback=step_callback,
+            step_callback=step_callback, token_key=_token_key(parts["task"]),
+            progress_stream=sys.stderr if jax.process_index() == 0 else None,
         )  # fmt: skip
     finally:
         preemption.uninstall()

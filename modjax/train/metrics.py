@@ -268,6 +268,16 @@ class ProgressBar:
             parts.append(f"loss {self.loss:.4g}")
         return " ".join(parts)
 
+    def write(self, message: str) -> None:
+        """A line of text above the bar (or on the stream when there is no bar)."""
+        if self.quiet:
+            return
+        if self._bar is not None:
+            self._bar.write(message, file=self.stream)
+        else:
+            self.stream.write(message + "\n")
+            self.stream.flush()
+
     def close(self) -> None:
         if self._bar is not None:
             self._bar.close()

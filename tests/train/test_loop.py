@@ -45,3 +45,6 @@ def test_nonfinite_skip_counts_and_finishes(tmp_path, capsys):
     last = [r for r in records if "skipped" in r][-1]
     assert last["step"] == 6 and last["skipped"] == 5.0
     assert last["nonfinite"] == 1.0
+    assert last["tokens_per_s"] > 0 and last["steps_per_s"] > 0
+    ratio = last["tokens_per_s"] / last["steps_per_s"]
+    assert abs(ratio - 8 * 16) < 1e-6 * ratio  # batch 8 x seq_len 16 tokens per step

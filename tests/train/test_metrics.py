@@ -139,7 +139,9 @@ def test_progress_bar_tqdm_on_tty():
     stream = Tty()
     with ProgressBar(4, stream=stream, desc="fit") as bar:
         bar.update(2, loss=0.5, tokens=64)
+        bar.write("step 2 eval loss=0.6")
     assert "fit" in stream.getvalue() and "2/4" in stream.getvalue()
+    assert "step 2 eval loss=0.6\n" in stream.getvalue()
 
 
 def test_plots_from_metrics(tmp_path):
