@@ -48,6 +48,17 @@ def concrete_value(x) -> np.ndarray | None:
         return None
 
 
+def check_known_in_range(name: str, ids: Array, upper: int) -> None:
+    """Raise if ``ids`` is known at trace time and has values outside ``[0, upper)``.
+
+    Traced ids cannot be checked; callers clip them and drop what was out of range.
+    """
+    known = concrete_value(ids)
+    if known is not None and known.size and (known.min() < 0 or known.max() >= upper):
+        bad = known[(known < 0) | (known >= upper)]
+        raise ValueError(f"{name} must be in [0, {upper}), got values {bad[:8]}")
+
+
 def check_k(k, num_experts: int, *, name: str = "k") -> int:
     """``k`` if it is an int in ``[1, num_experts]``."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer):

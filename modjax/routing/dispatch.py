@@ -20,13 +20,29 @@ from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array
 
 
-def _check(name: str, x, routing) -> None:
+def _check(name: str, x, routing, inner) -> None:
+    """``x`` must be ``lead + inner(routing) + (D,)``, lead the routing's group axes."""
     if not isinstance(routing, Routing | DenseRouting):
         raise TypeError(f"routing must be a Routing or DenseRouting, got {type(routing).__name__}")
     if not hasattr(x, "ndim"):
         raise TypeError(f"{name} must be an array, got {type(x).__name__}")
     if routing.probs.ndim < 2:
         raise ValueError(f"routing.probs must be [..., T, E], got shape {routing.probs.shape}")
+    want = _routing_lead(routing) + inner(routing)
+    if x.ndim != len(want) + 1 or x.shape[:-1] != want:
+        raise ValueError(
+            f"{name} must have shape {want} + (D,) to match the routing, got {x.shape}"
+        )
+
+
+def _tokens(routing) -> tuple[int, ...]:
+    return (routing.probs.shape[-2],)
+
+
+def _buffers(routing) -> tuple[int, ...]:
+    if isinstance(routing, DenseRouting):
+        return (routing.num_experts, routing.capacity)
+    return (routing.num_experts, routing.buffer_capacity())
 
 
 def _routing_lead(routing) -> tuple[int, ...]:
@@ -42,13 +58,7 @@ def dispatch(x: Array, routing: Routing | DenseRouting) -> Array:
     Returns:
       ``[..., E, C, D]`` buffers; empty slots are zero. Dtype of ``x``.
     """
-    _check("x", x, routing)
-    lead = _routing_lead(routing)
-    t = routing.probs.shape[-2]
-    if x.ndim != len(lead) + 2 or x.shape[:-1] != lead + (t,):
-        raise ValueError(
-            f"x must have shape {lead + (t,)} + (D,) to match the routing, got {x.shape}"
-        )
+    _check("x", x, routing, _tokens)
     return _dispatch_impl(x, routing)
 
 
@@ -81,15 +91,7 @@ def combine(expert_out: Array, routing: Routing | DenseRouting) -> Array:
     Returns:
       ``[..., T, D]`` in the dtype of ``expert_out``.
     """
-    _check("expert_out", expert_out, routing)
-    lead = _routing_lead(routing)
-    e = routing.num_experts
-    c = routing.capacity if isinstance(routing, DenseRouting) else routing.buffer_capacity()
-    if expert_out.ndim != len(lead) + 3 or expert_out.shape[:-1] != lead + (e, c):
-        raise ValueError(
-            f"expert_out must have shape {lead + (e, c)} + (D,) to match the routing, "
-            f"got {expert_out.shape}"
-        )
+    _check("expert_out", expert_out, routing, _buffers)
     return _combine_impl(expert_out, routing)
 
 

@@ -80,9 +80,6 @@ def polytropon_routing(
         raise ValueError(f"logits must be [N, H, E], got shape {logits.shape}")
     task_ids = checks.check_ids("task_ids", task_ids)
     n = logits.shape[0]
-    known = checks.concrete_value(task_ids)
-    if known is not None and known.size and (known.min() < 0 or known.max() >= n):
-        bad = known[(known < 0) | (known >= n)]
-        raise ValueError(f"task_ids must be in [0, {n}), got values {bad[:8]}")
+    checks.check_known_in_range("task_ids", task_ids, n)
     weights = skill_allocation(logits, rng, temperature=temperature)
     return weights[jnp.clip(task_ids, 0, n - 1)]

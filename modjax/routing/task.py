@@ -40,10 +40,7 @@ def fixed_routing(
         raise ValueError(f"expert_index must be [..., T, K], got shape {expert_index.shape}")
     checks.check_positive("num_experts", num_experts, integer=True)
     checks.check_positive("capacity", capacity, allow_none=True, integer=True)
-    known = checks.concrete_value(expert_index)
-    if known is not None and known.size and (known.min() < 0 or known.max() >= num_experts):
-        bad = known[(known < 0) | (known >= num_experts)]
-        raise ValueError(f"expert_index must be in [0, {num_experts}), got values {bad[:8]}")
+    checks.check_known_in_range("expert_index", expert_index, num_experts)
     if weight is None:
         weight = jnp.full(expert_index.shape, 1.0 / expert_index.shape[-1], jnp.float32)
     elif weight.shape != expert_index.shape:
@@ -102,10 +99,7 @@ def task_routing(
     if task_to_expert.ndim != 2:
         raise ValueError(f"task_to_expert must be [N, K], got shape {task_to_expert.shape}")
     num_tasks = task_to_expert.shape[0]
-    known = checks.concrete_value(task_ids)
-    if known is not None and known.size and (known.min() < 0 or known.max() >= num_tasks):
-        bad = known[(known < 0) | (known >= num_tasks)]
-        raise ValueError(f"task_ids must be in [0, {num_tasks}), got values {bad[:8]}")
+    checks.check_known_in_range("task_ids", task_ids, num_tasks)
     valid = (task_ids >= 0) & (task_ids < num_tasks)
     index = task_to_expert[jnp.clip(task_ids, 0, num_tasks - 1)]
     return fixed_routing(index, num_experts, capacity=capacity, valid=valid)
