@@ -9,7 +9,7 @@ losses over blocks, averages the metrics and stacks the loads into ``[L_moe, E]`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -92,6 +92,19 @@ class FFNSpec:
             return "dense"
         sparse = sparse_layer_indices(num_layers, self.placement, self.every, self.count)
         return self.sparse if index in sparse else "dense"
+
+
+class FFNConfig:
+    """Mixin of the model Configs: their FFN fields (``d_ff``, ``activation``, ``ffn``,
+    ``sparse_placement``, ``sparse_every``, ``sparse_count``, ``sparse_kwargs``) as one
+    :class:`FFNSpec`."""
+
+    def ffn_spec(self) -> FFNSpec:
+        return FFNSpec(
+            d_ff=self.d_ff, activation=self.activation, sparse=self.ffn,
+            placement=self.sparse_placement, every=self.sparse_every,
+            count=self.sparse_count, sparse_kwargs=dict(self.sparse_kwargs),
+        )  # fmt: skip
 
 
 def _build_moe(d_model, spec: FFNSpec, dtype, param_dtype, rngs):
@@ -289,6 +302,75 @@ class Block(nnx.Module):
         return shard_activation(x, axes), aux
 
 
+def build_blocks(
+    d_model: int,
+    spec: FFNSpec,
+    num_layers: int,
+    *,
+    attention_fn: Callable[[], Attention] | None = None,
+    dtype: DType = jnp.float32,
+    param_dtype: DType = jnp.float32,
+    rngs: nnx.Rngs,
+) -> nnx.List:
+    """``num_layers`` residual :class:`Block` s, each with a fresh ``attention_fn()``
+    (None: FFN-only blocks) and the FFN kind ``spec`` gives its index."""
+    blocks = []
+    for i in range(num_layers):
+        attention = attention_fn() if attention_fn is not None else None
+        kind = spec.kind_of(i, num_layers)
+        blocks.append(
+            Block(
+                d_model,
+                kind,
+                spec,
+                attention=attention,
+                dtype=dtype,
+                param_dtype=param_dtype,
+                rngs=rngs,
+            )  # fmt: skip
+        )
+    return nnx.List(blocks)
+
+
+def apply_blocks(
+    blocks: Sequence[Block], x: Array, *, train: bool = False, **ffn_context
+) -> tuple[Array, dict[str, Any]]:
+    """``x`` through ``blocks`` in order; the aux outputs collected (:func:`collect_aux`)."""
+    auxes = []
+    for block in blocks:
+        x, aux = block(x, train=train, **ffn_context)
+        auxes.append(aux)
+    return x, collect_aux(auxes)
+
+
+def token_embedding(vocab_size: int, d_model: int, *, dtype, param_dtype, rngs) -> nnx.Embed:
+    """Token embedding ``[V, D]``, unit normal init, logical axes ("vocab", "embed")."""
+    return nnx.Embed(
+        vocab_size, d_model, dtype=dtype, param_dtype=param_dtype,
+        embedding_init=normal_init(1.0),
+        embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs,
+    )  # fmt: skip
+
+
+def input_projection(in_width: int, d_model: int, *, dtype, param_dtype, rngs) -> nnx.Linear:
+    """Linear ``[in_width] -> [D]`` with bias, fan-in normal init (patches, features)."""
+    return nnx.Linear(
+        in_width, d_model, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=normal_init(in_width**-0.5),
+        kernel_metadata={"logical_axes": (None, "embed")},
+        bias_metadata={"logical_axes": ("embed",)}, rngs=rngs,
+    )  # fmt: skip
+
+
+def classifier_head(d_model: int, num_classes: int, *, dtype, param_dtype, rngs) -> nnx.Linear:
+    """Linear ``[D] -> [classes]``, zero-initialised (uniform logits at the start)."""
+    return nnx.Linear(
+        d_model, num_classes, dtype=dtype, param_dtype=param_dtype,
+        kernel_init=nnx.initializers.zeros_init(),
+        kernel_metadata={"logical_axes": ("embed", None)}, rngs=rngs,
+    )  # fmt: skip
+
+
 def resolve_dtypes(dtype, param_dtype) -> tuple[jnp.dtype, jnp.dtype]:
     return check_float_dtype("dtype", dtype), check_float_dtype("param_dtype", param_dtype)
 
@@ -304,13 +386,19 @@ __all__ = [
     "PLACEMENTS",
     "Attention",
     "Block",
+    "FFNConfig",
     "FFNSpec",
+    "apply_blocks",
+    "build_blocks",
+    "classifier_head",
     "collect_aux",
     "empty_aux",
+    "input_projection",
     "normal_init",
     "resolve_dtypes",
     "rms_norm",
     "check_positive",
     "rope",
     "sparse_layer_indices",
+    "token_embedding",
 ]

@@ -21,13 +21,16 @@ from flax import nnx
 
 from modjax.models.blocks import (
     Attention,
-    Block,
-    FFNSpec,
+    FFNConfig,
+    apply_blocks,
+    build_blocks,
     check_positive,
-    collect_aux,
+    classifier_head,
+    input_projection,
     normal_init,
     resolve_dtypes,
     rms_norm,
+    token_embedding,
 )
 from modjax.sharding import shard_activation
 from modjax.typing import Array
@@ -37,7 +40,7 @@ POOLINGS = ("mean", "cls")
 
 
 @dataclasses.dataclass(frozen=True)
-class EncoderConfig:
+class EncoderConfig(FFNConfig):
     """Hyper-parameters of :class:`EncoderClassifier`.
 
     Attributes:
@@ -102,13 +105,6 @@ class EncoderConfig:
             n = (self.image_size // self.patch_size) ** 2
         return n + (self.pooling == "cls")
 
-    def ffn_spec(self) -> FFNSpec:
-        return FFNSpec(
-            d_ff=self.d_ff, activation=self.activation, sparse=self.ffn,
-            placement=self.sparse_placement, every=self.sparse_every,
-            count=self.sparse_count, sparse_kwargs=dict(self.sparse_kwargs),
-        )  # fmt: skip
-
 
 class EncoderClassifier(nnx.Module):
     """``inputs -> (logits [B, num_classes] float32, aux)``; aux as in
@@ -119,20 +115,11 @@ class EncoderClassifier(nnx.Module):
         dtype, param_dtype = resolve_dtypes(config.dtype, config.param_dtype)
         self.dtype = dtype
         d = config.d_model
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if config.input_kind == "tokens":
-            self.embed = nnx.Embed(
-                config.vocab_size, d, dtype=dtype, param_dtype=param_dtype,
-                embedding_init=normal_init(1.0),
-                embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs,
-            )  # fmt: skip
+            self.embed = token_embedding(config.vocab_size, d, **dtypes)
         else:
-            patch_dim = config.patch_size**2 * config.channels
-            self.embed = nnx.Linear(
-                patch_dim, d, dtype=dtype, param_dtype=param_dtype,
-                kernel_init=normal_init(patch_dim**-0.5),
-                kernel_metadata={"logical_axes": (None, "embed")},
-                bias_metadata={"logical_axes": ("embed",)}, rngs=rngs,
-            )  # fmt: skip
+            self.embed = input_projection(config.patch_size**2 * config.channels, d, **dtypes)
         self.position = nnx.Param(
             normal_init(0.02)(rngs.params(), (config.num_positions, d), param_dtype),
             logical_axes=("length", "embed"),
@@ -142,26 +129,18 @@ class EncoderClassifier(nnx.Module):
             if config.pooling == "cls"
             else None
         )
-        spec = config.ffn_spec()
-        blocks = []
-        for i in range(config.num_layers):
-            attn = Attention(
+
+        def attention():
+            return Attention(
                 d, config.num_heads, d // config.num_heads, causal=False, use_rope=False,
-                dtype=dtype, param_dtype=param_dtype, rngs=rngs,
+                **dtypes,
             )  # fmt: skip
-            kind = spec.kind_of(i, config.num_layers)
-            blocks.append(
-                Block(
-                    d, kind, spec, attention=attn, dtype=dtype, param_dtype=param_dtype, rngs=rngs
-                )  # fmt: skip
-            )
-        self.blocks = nnx.List(blocks)
+
+        self.blocks = build_blocks(
+            d, config.ffn_spec(), config.num_layers, attention_fn=attention, **dtypes
+        )
         self.final_norm = rms_norm(d, param_dtype, rngs)
-        self.head = nnx.Linear(
-            d, config.num_classes, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=nnx.initializers.zeros_init(),
-            kernel_metadata={"logical_axes": ("embed", None)}, rngs=rngs,
-        )  # fmt: skip
+        self.head = classifier_head(d, config.num_classes, **dtypes)
 
     def _patches(self, images: Array) -> Array:
         c = self.config
@@ -191,14 +170,11 @@ class EncoderClassifier(nnx.Module):
             x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
         x = x + self.position[...][: x.shape[1]].astype(x.dtype)
         x = shard_activation(x.astype(self.dtype), ("batch", "length", "embed"))
-        auxes = []
-        for block in self.blocks:
-            x, aux = block(x, train=train, **ffn_context)
-            auxes.append(aux)
+        x, aux = apply_blocks(self.blocks, x, train=train, **ffn_context)
         x = self.final_norm(x)
         pooled = x[:, 0] if self.cls is not None else x.mean(axis=1)
         logits = self.head(pooled.astype(self.dtype)).astype(jnp.float32)
-        return logits, collect_aux(auxes)
+        return logits, aux
 
 
 __all__ = ["EncoderClassifier", "EncoderConfig"]

@@ -19,19 +19,21 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modjax.models.blocks import (
-    Block,
-    FFNSpec,
+    FFNConfig,
+    apply_blocks,
+    build_blocks,
     check_positive,
-    collect_aux,
-    normal_init,
+    classifier_head,
+    input_projection,
     resolve_dtypes,
     rms_norm,
+    token_embedding,
 )
 from modjax.typing import Array
 
 
 @dataclasses.dataclass(frozen=True)
-class MLPConfig:
+class MLPConfig(FFNConfig):
     """Hyper-parameters of :class:`MLP`.
 
     Attributes:
@@ -67,13 +69,6 @@ class MLPConfig:
         if not isinstance(self.vocab_size, int) or self.vocab_size < 0:
             raise ValueError(f"vocab_size must be an int >= 0, got {self.vocab_size!r}")
 
-    def ffn_spec(self) -> FFNSpec:
-        return FFNSpec(
-            d_ff=self.d_ff, activation=self.activation, sparse=self.ffn,
-            placement=self.sparse_placement, every=self.sparse_every,
-            count=self.sparse_count, sparse_kwargs=dict(self.sparse_kwargs),
-        )  # fmt: skip
-
 
 class MLP(nnx.Module):
     """``x [B, ...] -> (logits [B, num_classes] float32, aux)``; aux as in
@@ -84,43 +79,13 @@ class MLP(nnx.Module):
         dtype, param_dtype = resolve_dtypes(config.dtype, config.param_dtype)
         self.dtype = dtype
         d = config.d_model
-        embed = None
-        in_width = config.in_features
-        if config.vocab_size:
-            embed = nnx.Embed(
-                config.vocab_size, d, dtype=dtype, param_dtype=param_dtype,
-                embedding_init=normal_init(1.0),
-                embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs,
-            )  # fmt: skip
-            in_width = config.in_features * d
-        self.embed = embed
-        self.input = nnx.Linear(
-            in_width, d, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=normal_init(in_width**-0.5),
-            kernel_metadata={"logical_axes": (None, "embed")},
-            bias_metadata={"logical_axes": ("embed",)}, rngs=rngs,
-        )  # fmt: skip
-        spec = config.ffn_spec()
-        self.blocks = nnx.List(
-            [
-                Block(
-                    d,
-                    spec.kind_of(i, config.num_layers),
-                    spec,
-                    attention=None,
-                    dtype=dtype,
-                    param_dtype=param_dtype,
-                    rngs=rngs,
-                )  # fmt: skip
-                for i in range(config.num_layers)
-            ]
-        )
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed = token_embedding(config.vocab_size, d, **dtypes) if config.vocab_size else None
+        in_width = config.in_features * (d if config.vocab_size else 1)
+        self.input = input_projection(in_width, d, **dtypes)
+        self.blocks = build_blocks(d, config.ffn_spec(), config.num_layers, **dtypes)
         self.final_norm = rms_norm(d, param_dtype, rngs)
-        self.head = nnx.Linear(
-            d, config.num_classes, dtype=dtype, param_dtype=param_dtype,
-            kernel_init=nnx.initializers.zeros_init(),
-            kernel_metadata={"logical_axes": ("embed", None)}, rngs=rngs,
-        )  # fmt: skip
+        self.head = classifier_head(d, config.num_classes, **dtypes)
 
     def __call__(
         self, x: Array, *, train: bool = False, **ffn_context
@@ -135,13 +100,9 @@ class MLP(nnx.Module):
             raise ValueError(
                 f"inputs flatten to width {x.shape[-1]}, expected {self.input.in_features}"
             )
-        x = self.input(x)
-        auxes = []
-        for block in self.blocks:
-            x, aux = block(x, train=train, **ffn_context)
-            auxes.append(aux)
+        x, aux = apply_blocks(self.blocks, self.input(x), train=train, **ffn_context)
         logits = self.head(self.final_norm(x).astype(self.dtype)).astype(jnp.float32)
-        return logits, collect_aux(auxes)
+        return logits, aux
 
 
 __all__ = ["MLP", "MLPConfig"]

@@ -21,20 +21,21 @@ from flax import nnx
 
 from modjax.models.blocks import (
     Attention,
-    Block,
-    FFNSpec,
+    FFNConfig,
+    apply_blocks,
+    build_blocks,
     check_positive,
-    collect_aux,
     normal_init,
     resolve_dtypes,
     rms_norm,
+    token_embedding,
 )
 from modjax.sharding import shard_activation
 from modjax.typing import Array
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(FFNConfig):
     """Hyper-parameters of :class:`TransformerLM`.
 
     Attributes:
@@ -87,13 +88,6 @@ class TransformerConfig:
     def resolved_head_dim(self) -> int:
         return self.head_dim or self.d_model // self.num_heads
 
-    def ffn_spec(self) -> FFNSpec:
-        return FFNSpec(
-            d_ff=self.d_ff, activation=self.activation, sparse=self.ffn,
-            placement=self.sparse_placement, every=self.sparse_every,
-            count=self.sparse_count, sparse_kwargs=dict(self.sparse_kwargs),
-        )  # fmt: skip
-
 
 class TransformerLM(nnx.Module):
     """``tokens [B, T] int -> (logits [B, T, V] float32, aux)``.
@@ -106,33 +100,20 @@ class TransformerLM(nnx.Module):
         self.config = config
         dtype, param_dtype = resolve_dtypes(config.dtype, config.param_dtype)
         self.dtype = dtype
-        self.embed = nnx.Embed(
-            config.vocab_size, config.d_model, dtype=dtype, param_dtype=param_dtype,
-            embedding_init=normal_init(1.0),
-            embedding_metadata={"logical_axes": ("vocab", "embed")}, rngs=rngs,
-        )  # fmt: skip
-        spec = config.ffn_spec()
-        blocks = []
-        for i in range(config.num_layers):
-            attn = Attention(
+        dtypes = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.embed = token_embedding(config.vocab_size, config.d_model, **dtypes)
+
+        def attention():
+            return Attention(
                 config.d_model, config.num_heads, config.resolved_head_dim, causal=True,
                 use_rope=True, rope_base=config.rope_base,
-                implementation=config.attention_impl, dtype=dtype,
-                param_dtype=param_dtype, rngs=rngs,
+                implementation=config.attention_impl, **dtypes,
             )  # fmt: skip
-            kind = spec.kind_of(i, config.num_layers)
-            blocks.append(
-                Block(
-                    config.d_model,
-                    kind,
-                    spec,
-                    attention=attn,
-                    dtype=dtype,
-                    param_dtype=param_dtype,
-                    rngs=rngs,
-                )  # fmt: skip
-            )
-        self.blocks = nnx.List(blocks)
+
+        self.blocks = build_blocks(
+            config.d_model, config.ffn_spec(), config.num_layers, attention_fn=attention,
+            **dtypes,
+        )  # fmt: skip
         self.final_norm = rms_norm(config.d_model, param_dtype, rngs)
         self.head = (
             None
@@ -158,17 +139,14 @@ class TransformerLM(nnx.Module):
             )
         x = self.embed(tokens).astype(self.dtype)
         x = shard_activation(x, ("batch", "length", "embed"))
-        auxes = []
-        for block in self.blocks:
-            x, aux = block(x, train=train, **ffn_context)
-            auxes.append(aux)
+        x, aux = apply_blocks(self.blocks, x, train=train, **ffn_context)
         x = self.final_norm(x)
         if self.head is None:
             logits = self.embed.attend(x.astype(self.dtype)) * self.config.d_model**-0.5
         else:
             logits = self.head(x.astype(self.dtype))
         logits = shard_activation(logits.astype(jnp.float32), ("batch", "length", "vocab"))
-        return logits, collect_aux(auxes)
+        return logits, aux
 
 
 __all__ = ["TransformerConfig", "TransformerLM"]
