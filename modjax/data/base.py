@@ -135,25 +135,28 @@ class Dataset(Iterator[dict[str, np.ndarray]]):
         """Batches in one pass (train iterators repeat it forever)."""
         return self.batches_per_epoch
 
-    def _identity(self) -> dict[str, Any]:
-        return {
-            "dataset": self.name,
-            "split": self.split,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shard_index": self.shard_index,
-            "shard_count": self.shard_count,
-        }
-
     def get_state(self) -> dict[str, Any]:
         """The position of the iterator, as plain JSON data (``"batches"`` returned so
         far; ``"epoch"`` and ``"batch"`` within it are for reading)."""
         epoch, batch = divmod(self._batches, self.batches_per_epoch)
-        return {**self._identity(), "batches": self._batches, "epoch": epoch, "batch": batch}
+        return {**stream_identity(self), "batches": self._batches, "epoch": epoch, "batch": batch}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Resume at ``state`` (from ``get_state()``; see ``restore_position``)."""
         self._batches = restore_position(self, state)
+
+
+def stream_identity(dataset) -> dict[str, Any]:
+    """What a data state must match to resume ``dataset``: its name, split, batch size,
+    seed and shard (any object with those attributes, e.g. a Dataset)."""
+    return {
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "batch_size": dataset.batch_size,
+        "seed": dataset.seed,
+        "shard_index": dataset.shard_index,
+        "shard_count": dataset.shard_count,
+    }
 
 
 def restore_position(dataset, state: Any) -> int:
@@ -170,7 +173,7 @@ def restore_position(dataset, state: Any) -> int:
     """
     if not isinstance(state, dict):
         raise ValueError(f"state must be a dict from get_state(), got {state!r}")
-    identity = dataset._identity()
+    identity = stream_identity(dataset)
     keys = ["dataset", "split", "batch_size", "shard_count"]
     if state.get("shard_index") == identity["shard_index"]:
         keys.append("seed")
@@ -194,4 +197,5 @@ __all__ = [
     "check_split",
     "resolve_shard",
     "restore_position",
+    "stream_identity",
 ]

@@ -30,6 +30,7 @@ from modjax.data.base import (
     check_split,
     resolve_shard,
     restore_position,
+    stream_identity,
 )
 
 KINDS: tuple[str, ...] = ("regression", "classification", "tokens")
@@ -161,19 +162,9 @@ class RuleMixtureDataset:
         self._batches += 1
         return batch
 
-    def _identity(self) -> dict[str, Any]:
-        return {
-            "dataset": self.name,
-            "split": self.split,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "shard_index": self.shard_index,
-            "shard_count": self.shard_count,
-        }
-
     def get_state(self) -> dict[str, Any]:
         """The position of the iterator, as plain JSON data."""
-        return {**self._identity(), "batches": self._batches}
+        return {**stream_identity(self), "batches": self._batches}
 
     def set_state(self, state: dict[str, Any]) -> None:
         """Resume at ``state`` (from ``get_state()``; see ``restore_position``)."""
