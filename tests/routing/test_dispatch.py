@@ -1,6 +1,3 @@
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,10 +7,7 @@ from modjax.routing.dispatch import combine, dispatch
 from modjax.routing.expert_choice import expert_choice_routing
 from modjax.routing.soft import soft_moe_routing
 from modjax.routing.top_k import top_k_routing
-
-# pytest runs in importlib mode: make the shared loop references importable
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from routing_reference import combine_reference, dispatch_reference, rnd
+from tests.routing.routing_reference import combine_reference, dispatch_reference, rnd
 
 
 @pytest.mark.parametrize("capacity", [None, 2])

@@ -1,6 +1,3 @@
-import pathlib
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,10 +15,7 @@ from modjax.routing.losses import (
 )
 from modjax.routing.metrics import routing_metrics
 from modjax.routing.top_k import top_k_routing
-
-# pytest runs in importlib mode: make the shared loop references importable
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from routing_reference import rnd, softmax
+from tests.routing.routing_reference import rnd, softmax
 
 
 def test_switch_loss_matches_formula_and_grad_moves_mass_away():

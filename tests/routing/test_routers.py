@@ -1,6 +1,4 @@
 import math
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,10 +16,7 @@ from modjax.routing.polytropon import polytropon_routing, skill_allocation
 from modjax.routing.soft import soft_moe_routing, soft_routing
 from modjax.routing.task import fixed_routing, task_routing
 from modjax.routing.top_k import top_k_routing
-
-# pytest runs in importlib mode: make the shared loop references importable
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from routing_reference import rnd, softmax, top_k_reference
+from tests.routing.routing_reference import rnd, softmax, top_k_reference
 
 
 def test_expert_choice_matches_loop():

@@ -1,6 +1,4 @@
 import math
-import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -8,10 +6,7 @@ import numpy as np
 import pytest
 
 from modjax.routing.top_k import queue_slots, top_k_routing
-
-# pytest runs in importlib mode: make the shared loop references importable
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from routing_reference import rnd, top_k_reference
+from tests.routing.routing_reference import rnd, top_k_reference
 
 
 def _check_against_reference(r, ref):
