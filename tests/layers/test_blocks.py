@@ -9,116 +9,99 @@ from flax import nnx
 
 from modjax.layers.blocks import Average, BatchSplit, Fuse, Parallel, Split, Stack
 from modjax.layers.lora import LoRA
-
-D = 4
-
-
-def _linears(n, d_out=D, seed=0):
-    return [nnx.Linear(D, d_out, rngs=nnx.Rngs(seed + i)) for i in range(n)]
-
-
-def _x(seed=0, shape=(3, 5, D)):
-    return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
-
-
-def _np_linear(m, x):
-    return np.asarray(x) @ np.asarray(m.kernel[...]) + np.asarray(m.bias[...])
-
-
-def _close(a, b, tol=1e-5):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tol, atol=tol)
+from tests.layers.composition_reference import D, close, linears, np_linear, rand_x
 
 
 def test_stack_order_matters_and_matches_manual():
-    a, b = _linears(2)
-    x = _x(12)
-    _close(Stack(a, b)(x), _np_linear(b, _np_linear(a, x)))
-    _close(Stack(b, a)(x), _np_linear(a, _np_linear(b, x)))
+    a, b = linears(2)
+    x = rand_x(12)
+    close(Stack(a, b)(x), np_linear(b, np_linear(a, x)))
+    close(Stack(b, a)(x), np_linear(a, np_linear(b, x)))
     assert not np.allclose(Stack(a, b)(x), Stack(b, a)(x), atol=1e-3)
 
 
 def test_parallel_reductions():
-    mods = _linears(2)
-    x = _x(13)
-    outs = [_np_linear(m, x) for m in mods]
-    _close(Parallel(*mods)(x), outs[0] + outs[1])
-    _close(Parallel(*mods, reduce="mean")(x), (outs[0] + outs[1]) / 2)
-    _close(Parallel(*mods, reduce="stack")(x), np.stack(outs))
+    mods = linears(2)
+    x = rand_x(13)
+    outs = [np_linear(m, x) for m in mods]
+    close(Parallel(*mods)(x), outs[0] + outs[1])
+    close(Parallel(*mods, reduce="mean")(x), (outs[0] + outs[1]) / 2)
+    close(Parallel(*mods, reduce="stack")(x), np.stack(outs))
 
 
 def test_fuse_weights_sum_to_one_and_match_reference():
-    mods = _linears(3)
+    mods = linears(3)
     fuse = Fuse(mods, D, temperature=2.0, rngs=nnx.Rngs(3))
     fuse.value[...] = jax.random.normal(jax.random.key(0), (D, D))
-    x = _x(14)
+    x = rand_x(14)
     att, fused = nnx.jit(lambda f, x: (f.attend(x), f(x)))(fuse, x)
-    _close(att.weights.sum(-1), np.ones((3, 5)))
-    o = np.stack([_np_linear(m, x) for m in mods], -2)  # [B, T, E, D]
+    close(att.weights.sum(-1), np.ones((3, 5)))
+    o = np.stack([np_linear(m, x) for m in mods], -2)  # [B, T, E, D]
     q = np.asarray(x) @ np.asarray(fuse.query[...])
     k = o @ np.asarray(fuse.key[...])
     v = o @ np.asarray(fuse.value[...])
     s = np.einsum("btd,bted->bte", q, k) / 2.0
     a = np.exp(s - s.max(-1, keepdims=True))
     a /= a.sum(-1, keepdims=True)
-    _close(att.weights, a)
-    _close(fused, np.einsum("bte,bted->btd", a, v))
+    close(att.weights, a)
+    close(fused, np.einsum("bte,bted->btd", a, v))
     res = Fuse(mods, D, residual=True, rngs=nnx.Rngs(3))
-    _close(res(x), np.asarray(x) + np.asarray(res.attend(x).output))
+    close(res(x), np.asarray(x) + np.asarray(res.attend(x).output))
     g = nnx.jit(nnx.grad(lambda f: (f(x) ** 2).sum()))(fuse)
     assert float(jnp.abs(g["query"][...]).sum()) > 0
 
 
 def test_average_output_and_parameter_space():
-    mods = _linears(3)
-    x = _x(15)
+    mods = linears(3)
+    x = rand_x(15)
     w = [0.5, 0.3, 0.2]
     out_space = Average(mods, w)(x)
-    _close(out_space, sum(w[e] * _np_linear(mods[e], x) for e in range(3)))
+    close(out_space, sum(w[e] * np_linear(mods[e], x) for e in range(3)))
     one_hot = Average(mods, [0.0, 1.0, 0.0], space="parameter")
-    _close(nnx.jit(lambda m, x: m(x))(one_hot, x), mods[1](x))
+    close(nnx.jit(lambda m, x: m(x))(one_hot, x), mods[1](x))
     merged = Average(mods, w, space="parameter")(x)
     k = sum(w[e] * np.asarray(mods[e].kernel[...]) for e in range(3))
     bias = sum(w[e] * np.asarray(mods[e].bias[...]) for e in range(3))
-    _close(merged, np.asarray(x) @ k + bias)
-    _close(Average(mods, space="parameter")(x, weights=jnp.array([1.0, 0, 0])), mods[0](x))
+    close(merged, np.asarray(x) @ k + bias)
+    close(Average(mods, space="parameter")(x, weights=jnp.array([1.0, 0, 0])), mods[0](x))
 
 
 @pytest.mark.parametrize("mode", ["stacked", "masked"])
 def test_batch_split_mixed_batch_equals_rows_alone(mode):
-    mods = _linears(3)
-    x = _x(16, (4, 5, D))
+    mods = linears(3)
+    x = rand_x(16, (4, 5, D))
     ids = jnp.array([2, 0, 2, 1])
     block = BatchSplit(mods, mode=mode)
     out = nnx.jit(lambda m, x, i: m(x, ids=i))(block, x, ids)
     for b in range(4):
-        _close(out[b], mods[int(ids[b])](x[b : b + 1])[0])
+        close(out[b], mods[int(ids[b])](x[b : b + 1])[0])
 
 
 def test_batch_split_heterogeneous_modules_nested_in_stack():
-    a, b, c = _linears(3)
+    a, b, c = linears(3)
     block = BatchSplit([a, Stack(b, c)])
     assert block.mode == "masked"
-    x = _x(17)
+    x = rand_x(17)
     ids = jnp.array([1, 0, 1])
     out = Stack(block, a)(x, ids=ids)
     for r in range(3):
-        inner = _np_linear(a, x[r]) if ids[r] == 0 else _np_linear(c, _np_linear(b, x[r]))
-        _close(out[r], _np_linear(a, inner))
+        inner = np_linear(a, x[r]) if ids[r] == 0 else np_linear(c, np_linear(b, x[r]))
+        close(out[r], np_linear(a, inner))
 
 
 def test_split_by_position():
-    a, b = _linears(2)
-    x = _x(18)
+    a, b = linears(2)
+    x = rand_x(18)
     out = Split(a, b, n=2)(x)
-    _close(out[:, :2], _np_linear(a, x[:, :2]))
-    _close(out[:, 2:], _np_linear(b, x[:, 2:]))
-    _close(Split(a, b, n=0)(x), _np_linear(b, x))
-    _close(Split(a, b, n=5)(x), _np_linear(a, x))
+    close(out[:, :2], np_linear(a, x[:, :2]))
+    close(out[:, 2:], np_linear(b, x[:, 2:]))
+    close(Split(a, b, n=0)(x), np_linear(b, x))
+    close(Split(a, b, n=5)(x), np_linear(a, x))
 
 
 def test_blocks_bad_input():
-    mods = _linears(3)
-    x = _x()
+    mods = linears(3)
+    x = rand_x()
     assert BatchSplit([mods[0], lambda x: 2 * x]).mode == "masked"
     with pytest.raises(ValueError, match=r"weights must be 3 floats .*got \[0.5, 0.5\]"):
         Average(mods, [0.5, 0.5])
