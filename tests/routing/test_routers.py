@@ -191,3 +191,47 @@ def test_groups_and_granularity():
     assert r.expert_index.shape == (2, 5, 2) and r.capacity is None
     np.testing.assert_array_equal(r.expert_index, np.broadcast_to(seq.expert_index, (2, 5, 2)))
     np.testing.assert_array_equal(r.slot[..., 0], np.tile(np.arange(5), (2, 1)))
+
+
+def test_gradients_of_differentiable_routers_match_written_out_formulas():
+    logits = rnd(11, (6, 4))
+    c = rnd(12, (6, 4))
+    key = jax.random.key(13)
+    gumbel = jax.random.gumbel(key, (6, 4))
+    cases = [
+        (
+            lambda x: soft_routing(x, temperature=2.0).weight,
+            lambda x: jax.nn.softmax(x / 2.0),
+        ),
+        (
+            lambda x: gumbel_softmax_routing(x, key, temperature=0.5).weight,
+            lambda x: jax.nn.softmax((x + gumbel) / 0.5),
+        ),
+    ]
+    for routed, formula in cases:
+        g = jax.jit(jax.grad(lambda x, f=routed: jnp.sum(f(x) * c)))(logits)
+        g_ref = jax.grad(lambda x, f=formula: jnp.sum(f(x) * c))(logits)
+        np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+        assert np.abs(np.asarray(g)).sum() > 0
+    # expert choice: the selection is fixed, the combine weights are the probabilities
+    dispatch = np.asarray(expert_choice_routing(logits, capacity=3).dispatch)
+    cc = rnd(14, dispatch.shape)
+    g = jax.jit(jax.grad(lambda x: jnp.sum(expert_choice_routing(x, capacity=3).combine * cc)))(
+        logits
+    )
+    g_ref = jax.grad(lambda x: jnp.sum(dispatch * jax.nn.softmax(x)[:, :, None] * cc))(logits)
+    np.testing.assert_allclose(g, g_ref, rtol=1e-5, atol=1e-7)
+    # Soft MoE: dispatch normalised over tokens, combine over (expert, slot)
+    lg = rnd(15, (5, 3, 2))
+    cd, cm = rnd(16, (5, 3, 2)), rnd(17, (5, 3, 2))
+
+    def soft_moe_loss(x):
+        r = soft_moe_routing(x)
+        return jnp.sum(r.dispatch * cd) + jnp.sum(r.combine * cm)
+
+    def soft_moe_formula(x):
+        comb = jax.nn.softmax(x.reshape(5, 6), -1).reshape(5, 3, 2)
+        return jnp.sum(jax.nn.softmax(x, 0) * cd) + jnp.sum(comb * cm)
+
+    g = jax.jit(jax.grad(soft_moe_loss))(lg)
+    np.testing.assert_allclose(g, jax.grad(soft_moe_formula)(lg), rtol=1e-5, atol=1e-7)
