@@ -54,6 +54,8 @@ class LoopConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if not isinstance(self.bias_update_rate, int | float) or self.bias_update_rate < 0:
+            raise ValueError(f"bias_update_rate must be >= 0, got {self.bias_update_rate!r}")
         if not isinstance(self.eval_every, int) or self.eval_every < 0:
             raise ValueError(f"eval_every must be an int >= 0, got {self.eval_every!r}")
 

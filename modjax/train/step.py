@@ -76,19 +76,30 @@ def _cross_entropy(logits, targets, mask):
     return (loss * mask).sum() / denom, {"accuracy": (correct * mask).sum() / denom}
 
 
+def _batch_value(batch, key: str, field: str):
+    if key not in batch:
+        raise ValueError(f"{field}={key!r} is not a batch key; the batch has {sorted(batch)}")
+    return batch[key]
+
+
 def _model_call(model, batch, task: TaskConfig, train: bool):
-    if task.input_key not in batch:
-        raise ValueError(f"task.input_key={task.input_key!r} not in batch keys {sorted(batch)}")
-    context = {arg: batch[key] for arg, key in task.context.items()}
-    return model(batch[task.input_key], train=train, **context)
+    inputs = _batch_value(batch, task.input_key, "task.input_key")
+    context = {
+        arg: _batch_value(batch, key, f"task.context[{arg!r}]") for arg, key in task.context.items()
+    }
+    return model(inputs, train=train, **context)
+
+
+def _loss_mask(batch, task: TaskConfig):
+    return _batch_value(batch, task.mask_key, "task.mask_key") if task.mask_key else None
 
 
 def lm_loss(model, batch, task: TaskConfig, train: bool = False):
     """Next-token cross-entropy of a causal LM, averaged over (masked) positions."""
     logits, aux = _model_call(model, batch, task, train)
-    mask = batch.get(task.mask_key) if task.mask_key else None
+    mask = _loss_mask(batch, task)
     if task.target_key:
-        targets = batch[task.target_key]
+        targets = _batch_value(batch, task.target_key, "task.target_key")
     else:
         targets = batch[task.input_key][:, 1:]
         logits = logits[:, :-1]
@@ -100,8 +111,8 @@ def lm_loss(model, batch, task: TaskConfig, train: bool = False):
 def classification_loss(model, batch, task: TaskConfig, train: bool = False):
     """Softmax cross-entropy of class logits ``[B, classes]`` against int labels ``[B]``."""
     logits, aux = _model_call(model, batch, task, train)
-    mask = batch.get(task.mask_key) if task.mask_key else None
-    loss, metrics = _cross_entropy(logits, batch[task.target_key], mask)
+    targets = _batch_value(batch, task.target_key, "task.target_key")
+    loss, metrics = _cross_entropy(logits, targets, _loss_mask(batch, task))
     return loss, metrics, aux
 
 
@@ -130,13 +141,9 @@ def weighted_aux_loss(aux_losses: Mapping[str, Array], weights: Mapping[str, flo
 
 def router_bias_mask(rest_state: nnx.State) -> dict:
     """A pure dict of booleans: which Variables of ``rest_state`` are ``RouterBias``."""
-    try:
-        from modjax.layers.router import RouterBias
-    except ImportError:
-        RouterBias = None
-    return variable_tree(
-        rest_state, lambda p, v: RouterBias is not None and isinstance(v, RouterBias)
-    )
+    from modjax.layers.router import RouterBias
+
+    return variable_tree(rest_state, lambda p, v: isinstance(v, RouterBias))
 
 
 def update_router_biases(rest: dict, bias_mask: dict, expert_load: Array | None, rate: float):
@@ -152,8 +159,11 @@ def update_router_biases(rest: dict, bias_mask: dict, expert_load: Array | None,
     if not idx or rate == 0.0:
         return rest
     if expert_load is None or expert_load.shape[0] != len(idx):
-        n = None if expert_load is None else expert_load.shape[0]
-        raise ValueError(f"{len(idx)} router biases but expert_load has {n} rows")
+        shape = None if expert_load is None else tuple(expert_load.shape)
+        raise ValueError(
+            f"bias_update_rate={rate} needs one expert_load row per router bias: the model "
+            f"has {len(idx)} router biases but expert_load has shape {shape}"
+        )
     for row, i in enumerate(idx):
         load = expert_load[row]
         step = rate * jnp.sign(load.mean() - load)
@@ -182,6 +192,13 @@ def make_train_step(
     """
     loss_fn_of_task = TASK_LOSSES[task.name]
     trainable = jax.tree.map(lambda lab: lab != "frozen", labels)
+    if bias_update_rate < 0:
+        raise ValueError(f"bias_update_rate must be >= 0, got {bias_update_rate!r}")
+    if bias_update_rate and not any(jax.tree.leaves(bias_mask)):
+        raise ValueError(
+            f"bias_update_rate={bias_update_rate} but the model has no router bias: build "
+            "the MoE layers with aux_loss_free=True (model sparse_kwargs), or set the rate to 0"
+        )
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         def loss_fn(params):

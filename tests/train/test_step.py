@@ -1,6 +1,8 @@
 """Train step on a mesh: loss falls, parameters stay sharded, non-finite updates are
 skipped and counted, aux losses need weights, router biases move toward balance."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,7 @@ from modjax.train.loop import global_batch
 from modjax.train.optim import OptimizerConfig, make_optimizer, param_labels
 from modjax.train.step import (
     TaskConfig,
+    classification_loss,
     init_train_state,
     make_train_step,
     router_bias_mask,
@@ -53,9 +56,12 @@ def _batch(mesh, n=16, seed=0):
     return global_batch({"x": x, "y": y}, mesh)
 
 
-def test_loss_falls_sharded_and_nonfinite_skipped():
+def test_loss_falls_sharded_nonfinite_skipped_and_biases_balance():
+    # one compiled step (aux-loss-free routers on a 2x2x2 mesh) serves every check
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
-    state, step, sh = _setup(mesh)
+    state, step, sh = _setup(mesh, aux_loss_free=True, bias_rate=0.05)
+    biases = lambda st: [v for v in jax.tree.leaves(st.rest) if v.dtype == jnp.float32]
+    assert len(biases(state)) == 2 and all(float(jnp.abs(b).sum()) == 0 for b in biases(state))
     with jax.set_mesh(mesh):
         batch = _batch(mesh)
         losses = []
@@ -63,21 +69,35 @@ def test_loss_falls_sharded_and_nonfinite_skipped():
             state, m = step(state, batch)
             losses.append(float(m["loss"]))
         assert losses[-1] < 0.7 * losses[0]
+        assert all(float(jnp.abs(b).sum()) > 0 for b in biases(state))
         assert {"aux/load_balancing", "aux/z_loss", "accuracy"} <= set(m)
         assert m["expert_load"].shape == (2, 4)
         kernel = state.params["input"]["kernel"]
         assert kernel.sharding.spec == sh.params["input"]["kernel"].spec
         assert kernel.sharding.spec == jax.P(None, "fsdp")
-        before = jax.tree.map(np.asarray, (state.params, state.opt_state))
+        before = jax.tree.map(np.asarray, (state.params, biases(state), state.opt_state))
         bad = dict(batch)
         bad["x"] = batch["x"].at[0, 0].set(jnp.nan)
         state, m = step(state, bad)
         assert float(m["nonfinite"]) == 1.0 and int(state.skipped) == 1
         assert int(state.step) == 16
-        after = jax.tree.map(np.asarray, (state.params, state.opt_state))
-        jax.tree.map(np.testing.assert_array_equal, before, after)
+        after = jax.tree.map(np.asarray, (state.params, biases(state), state.opt_state))
+        jax.tree.map(np.testing.assert_array_equal, before, after)  # router biases too
         state, m = step(state, batch)
         assert float(m["nonfinite"]) == 0.0 and int(state.skipped) == 1
+
+
+def test_bias_rate_needs_router_biases_and_batch_keys_are_named():
+    task = TaskConfig(name="classification", input_key="x", target_key="y")
+    with pytest.raises(ValueError, match=r"bias_update_rate=0.1 .*no router bias"):
+        make_train_step(None, None, task, labels={}, bias_mask={"a": False}, bias_update_rate=0.1)
+    with pytest.raises(ValueError, match=r"bias_update_rate must be >= 0, got -1"):
+        make_train_step(None, None, task, labels={}, bias_mask={}, bias_update_rate=-1.0)
+    model = lambda x, train: (x, {})
+    with pytest.raises(ValueError, match=r"task.target_key='y' is not a batch key.*\['x'\]"):
+        classification_loss(model, {"x": jnp.zeros((2, 3))}, task)
+    with pytest.raises(ValueError, match=r"task.context\['task_ids'\]='t'"):
+        classification_loss(model, {"x": 0}, dataclasses.replace(task, context={"task_ids": "t"}))
 
 
 def test_aux_loss_weights_must_match():
@@ -96,15 +116,5 @@ def test_router_bias_update_outside_optimizer():
     np.testing.assert_allclose(out["a"]["bias"], [-0.1, 0.1, 0.1], rtol=1e-6)
     np.testing.assert_allclose(out["c"]["bias"], 0.0, atol=1e-6)
     np.testing.assert_array_equal(out["b"]["other"], 1.0)
-    with pytest.raises(ValueError, match="router biases"):
+    with pytest.raises(ValueError, match=r"2 router biases but expert_load has shape \(1, 3\)"):
         update_router_biases(rest, mask, load[:1], 0.1)
-
-
-def test_aux_loss_free_biases_change_in_step():
-    mesh = make_mesh(data=-1)
-    state, step, _ = _setup(mesh, aux_loss_free=True, bias_rate=0.05)
-    biases = lambda st: [v for v in jax.tree.leaves(st.rest) if v.dtype == jnp.float32]
-    assert len(biases(state)) == 2 and all(float(jnp.abs(b).sum()) == 0 for b in biases(state))
-    with jax.set_mesh(mesh):
-        state, _ = step(state, _batch(mesh))
-    assert all(float(jnp.abs(b).sum()) > 0 for b in biases(state))
