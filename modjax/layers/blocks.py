@@ -39,6 +39,7 @@ from modjax.layers.mixture import (
     split_stacked,
 )
 from modjax.layers.params import FusionParam
+from modjax.routing import checks
 from modjax.typing import Array, DType
 
 
@@ -202,7 +203,8 @@ class BatchSplit(Composition):
 
     ``"auto"`` picks ``"stacked"`` when the modules' graphs and shapes agree. Call
     ``block(x, ids=ids)`` with int ``ids [B]`` in ``[0, E)`` (``task_ids`` is used when
-    ``ids`` is not given).
+    ``ids`` is not given). Ids known at trace time are checked against ``[0, E)``; traced
+    ids out of range give NaN rows.
     """
 
     def __init__(self, modules: Sequence[Callable[..., Array]], *, mode: str = "auto"):
@@ -229,6 +231,8 @@ class BatchSplit(Composition):
             raise ValueError(
                 f"ids must be int [B] with B = {x.shape[0]}, got {ids.dtype} {ids.shape}"
             )
+        # known ids out of range fail here; traced ones would gather NaN rows
+        checks.check_known_in_range("ids", ids, len(self.modules))
         if self.mode == "masked":
             outs = jnp.stack([call_child(m, x, ctx) for m in self.modules])  # [E, B, ...]
             idx = ids.reshape((1, -1) + (1,) * (outs.ndim - 2))

@@ -112,6 +112,9 @@ def test_blocks_bad_input():
         Average([mods[0], lora], space="parameter")
     with pytest.raises(ValueError, match=r"ids must be int \[B\] with B = 3.*\(2,\)"):
         BatchSplit(mods)(x, ids=jnp.array([0, 1]))
+    for mode in ("stacked", "masked"):
+        with pytest.raises(ValueError, match=r"ids must be in \[0, 3\), got values \[3\]"):
+            BatchSplit(mods, mode=mode)(x, ids=jnp.array([0, 3, 1]))
     with pytest.raises(ValueError, match="BatchSplit needs ids"):
         BatchSplit(mods)(x)
     with pytest.raises(ValueError, match=r"Split\(n=6\)"):
