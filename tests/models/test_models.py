@@ -139,7 +139,9 @@ def test_train_step_each_model():
     ce = lambda labels: (
         lambda lg: optax.softmax_cross_entropy_with_integer_labels(lg, labels).mean()
     )
-    _one_step(_lm(ffn="moe", sparse_kwargs=MOE), tokens, ce(tokens))
+    # one block each (an MoE one) keeps the three compiles small
+    lm = _lm(num_layers=1, ffn="moe", sparse_kwargs=MOE, sparse_placement="all")
+    _one_step(lm, tokens, ce(tokens))
     enc = EncoderClassifier(
         EncoderConfig(
             num_classes=3,
@@ -148,6 +150,7 @@ def test_train_step_each_model():
             patch_size=4,
             channels=1,
             d_model=16,
+            num_layers=1,
             num_heads=2,
             d_ff=32,
             pooling="cls",
@@ -159,6 +162,6 @@ def test_train_step_each_model():
     )
     labels = jnp.array([0, 1, 2, 1])
     _one_step(enc, jax.random.normal(jax.random.key(1), (4, 8, 8)), ce(labels))
-    mlp = MLP(MLPConfig(in_features=6, num_classes=3, d_model=16, d_ff=32, ffn="moe",
-                        sparse_kwargs=MOE), rngs=nnx.Rngs(0))  # fmt: skip
+    mlp = MLP(MLPConfig(in_features=6, num_classes=3, d_model=16, d_ff=32, num_layers=1,
+                        ffn="moe", sparse_kwargs=MOE), rngs=nnx.Rngs(0))  # fmt: skip
     _one_step(mlp, jax.random.normal(jax.random.key(2), (4, 6)), ce(labels))
