@@ -152,6 +152,12 @@ def update_router_biases(rest: dict, bias_mask: dict, expert_load: Array | None,
 
     The router biases of ``rest`` (flagged by ``bias_mask``) are matched, in tree order,
     to the rows of ``expert_load [L_moe, E]``.
+
+    This is the rule of ``modjax.routing.losses.aux_free_bias_update`` (what
+    ``Router.update_bias`` calls), applied to the loads the MoE layers report: that
+    function takes a ``Routing`` and counts assignments before capacity drops, while a
+    layer reports only ``expert_load`` (kept assignments), so the sign step is repeated
+    here rather than called. With dropless routing the two loads agree.
     """
     leaves, treedef = jax.tree.flatten(rest)
     flags = jax.tree.leaves(bias_mask)
