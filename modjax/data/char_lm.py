@@ -75,6 +75,8 @@ def read_corpus(path: str, categories: list[str] | None = None) -> dict[str, str
         try:
             texts[name] = data.decode("utf-8")
         except UnicodeDecodeError:
+            if categories is not None:  # asked for by name: say so rather than drop it
+                raise ValueError(f"category {name!r} ({file!r}) is not UTF-8 text") from None
             continue  # a binary file in the directory is not a text category
     if not any(texts.values()):
         raise ValueError(f"no text found in {path!r} (categories {categories!r})")

@@ -92,24 +92,16 @@ def learning_rate_schedule(config: OptimizerConfig, scale: float = 1.0) -> optax
     return optax.join_schedules([warm, after], [config.warmup_steps])
 
 
-def _router_param_type():
-    try:
-        from modjax.layers.router import RouterParam
-    except ImportError:  # routers not built: no router partition
-        return None
-    return RouterParam
-
-
 def param_labels(params_state: nnx.State, config: OptimizerConfig) -> dict:
     """A pure dict of partition labels (``"frozen"``, ``"router"``, ``"default"``) for
     the Variables of ``params_state``."""
     from modjax.layers.params import ModuleParam
+    from modjax.layers.router import RouterParam
 
-    router_type = _router_param_type()
     patterns = [re.compile(p) for p in config.freeze_patterns]
 
     def label(path, v):
-        is_router = router_type is not None and isinstance(v, router_type)
+        is_router = isinstance(v, RouterParam)
         name = "/".join(str(p) for p in path)
         if any(p.search(name) for p in patterns):
             return "frozen"

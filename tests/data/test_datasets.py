@@ -208,6 +208,13 @@ def test_char_lm_categories_and_errors(corpus, tmp_path):
         make_dataset(
             "char_lm", split="train", batch_size=2, seed=0, path=corpus, categories=["birds"]
         )
+    (tmp_path / "blob").write_bytes(b"\xff\xfe\x00 not text")
+    all_text = make_dataset("char_lm", split="train", batch_size=2, seed=0, path=corpus, seq_len=8)
+    assert all_text.categories == ["cats", "dogs"]  # a binary file is not a category
+    with pytest.raises(ValueError, match="category 'blob'.*not UTF-8"):
+        make_dataset(
+            "char_lm", split="train", batch_size=2, seed=0, path=corpus, categories=["blob"]
+        )
     with pytest.raises(FileNotFoundError, match="apt-get install fortunes"):
         make_dataset("char_lm", split="train", batch_size=2, seed=0, path=str(tmp_path / "nope"))
     with pytest.raises(ValueError, match="seq_len"):
