@@ -99,7 +99,9 @@ def _straight_through(self, logits, ctx):
 def _hash(self, logits, ctx):
     if ctx["token_ids"] is None:
         raise ValueError("strategy 'hash' needs token_ids [..., S], got token_ids=None")
-    return R.hash_routing(ctx["token_ids"], self.num_experts, k=self.k)
+    s, e = ctx["num_tokens"], self.num_experts
+    capacity = checks.resolve_capacity(s, e, self.k, self.capacity_factor, None)
+    return R.hash_routing(ctx["token_ids"], e, k=self.k, capacity=capacity)
 
 
 def _task(self, logits, ctx):
@@ -108,7 +110,10 @@ def _task(self, logits, ctx):
         raise ValueError("strategy 'task' needs task_ids ([...] or [..., S]), got None")
     s = ctx["num_tokens"]
     per_sequence = ids.shape == ctx["lead"]
-    return R.task_routing(ids, self.num_experts, num_tokens=s if per_sequence else None)
+    capacity = checks.resolve_capacity(s, self.num_experts, 1, self.capacity_factor, None)
+    return R.task_routing(
+        ids, self.num_experts, num_tokens=s if per_sequence else None, capacity=capacity
+    )
 
 
 #: strategy name -> function(router, logits [..., T, E'], ctx) -> routing decision.
@@ -136,7 +141,9 @@ class Router(nnx.Module):
     (Puigcerver 2023, ``num_slots`` per expert), ``"gumbel"`` (hard Gumbel-softmax,
     noise in training), ``"straight_through"``, ``"hash"`` (Roller 2021, needs
     ``token_ids``) and ``"task"`` (needs ``task_ids``). Leading axes of x are groups:
-    capacity and expert choice act within each ``[S]`` group.
+    capacity and expert choice act within each ``[S]`` group. ``capacity_factor`` applies
+    to every sparse strategy (hash and task included); the dense ``"soft"`` and
+    ``"soft_moe"`` reject it, and the gateless ``"hash"`` and ``"task"`` reject jitter.
 
     ``temperature`` is the softmax temperature of ``"soft"`` and ``"gumbel"`` and the
     Sinkhorn regularisation of ``"balanced"`` (smaller: closer to an exact assignment).
@@ -190,6 +197,14 @@ class Router(nnx.Module):
         checks.check_positive("temperature", temperature)
         if isinstance(jitter, bool) or not isinstance(jitter, int | float) or not 0 <= jitter < 1:
             raise ValueError(f"jitter must be a float in [0, 1), got {jitter!r}")
+        # options a strategy would ignore are errors, not silent no-ops
+        if strategy in ("soft", "soft_moe") and capacity_factor is not None:
+            raise ValueError(
+                f"strategy {strategy!r} is dense and takes no capacity_factor, "
+                f"got capacity_factor={capacity_factor!r}"
+            )
+        if strategy in _NO_GATE and jitter:
+            raise ValueError(f"strategy {strategy!r} has no gate to jitter, got jitter={jitter!r}")
         if aux_loss_free and strategy != "top_k":
             raise ValueError(f"aux_loss_free needs strategy 'top_k', got {strategy!r}")
         for name, dt in (("dtype", dtype), ("param_dtype", param_dtype)):

@@ -19,7 +19,8 @@ IDS = jnp.arange(16).reshape(2, 8)
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_shapes_and_outputs(strategy):
     k = 1 if strategy in ("soft", "soft_moe", "expert_choice") else 2
-    router = Router(16, 4, k=k, strategy=strategy, num_slots=2, jitter=0.1, rngs=nnx.Rngs(0))
+    jitter = 0.0 if strategy in ("hash", "task") else 0.1
+    router = Router(16, 4, k=k, strategy=strategy, num_slots=2, jitter=jitter, rngs=nnx.Rngs(0))
     out = router(X, train=True, token_ids=IDS, task_ids=jnp.array([1, 3]))
     assert out.routing.probs.shape == (2, 8, 4)
     assert 0.99 < float(out.metrics["load_fraction"].sum()) < 1.01
@@ -108,6 +109,10 @@ def test_bad_arguments():
         Router(0, 4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="capacity_factor"):
         Router(16, 4, capacity_factor=0.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"'soft_moe' is dense .*capacity_factor=1.0"):
+        Router(16, 4, strategy="soft_moe", capacity_factor=1.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"'task' has no gate to jitter, got jitter=0.1"):
+        Router(16, 4, strategy="task", jitter=0.1, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="aux_loss_free"):
         Router(16, 4, strategy="soft", aux_loss_free=True, rngs=nnx.Rngs(0))
     router = Router(16, 4, rngs=nnx.Rngs(0))
@@ -119,3 +124,15 @@ def test_bad_arguments():
         Router(16, 4, strategy="hash", rngs=nnx.Rngs(0))(X)
     with pytest.raises(ValueError, match="update_bias needs"):
         router.update_bias(router(X).routing, 0.1)
+
+
+def test_hash_and_task_strategies_honour_capacity_factor():
+    # capacity = ceil(0.5 * 8 * 1 / 4) = 1 slot per expert per sequence
+    ids = jnp.zeros((2, 8), jnp.int32)  # every token to one expert
+    for strategy, kw in (("hash", {"token_ids": ids}), ("task", {"task_ids": jnp.array([1, 3])})):
+        router = Router(16, 4, strategy=strategy, capacity_factor=0.5, rngs=nnx.Rngs(0))
+        r = router(X, **kw).routing
+        assert r.capacity == 1
+        np.testing.assert_array_equal(r.kept[..., 0], [[True] + [False] * 7] * 2)
+        dropless = Router(16, 4, strategy=strategy, rngs=nnx.Rngs(0))(X, **kw).routing
+        assert dropless.capacity is None and bool(dropless.kept.all())
