@@ -86,6 +86,20 @@ def evaluate(eval_step, state, batches: Iterable[dict], mesh, num_batches: int) 
     return {k: v / max(n, 1) for k, v in sums.items()}
 
 
+def console_line(step: int, num_steps: int, scalars: dict[str, float]) -> str:
+    """The plain progress line of a log step: position, loss, accuracy, skipped updates
+    and rates, e.g. ``"step 50/500 loss=3.14 accuracy=0.25 19 steps/s 1.95e+04 tok/s"``
+    (the other metrics go to ``metrics.jsonl`` only)."""
+    parts = [f"step {step}/{num_steps}"]
+    parts += [f"{k}={scalars[k]:.4g}" for k in ("loss", "accuracy") if k in scalars]
+    if scalars.get("skipped"):
+        parts.append(f"skipped={int(scalars['skipped'])}")
+    parts.append(f"{scalars['steps_per_s']:.3g} steps/s")
+    if "tokens_per_s" in scalars:
+        parts.append(f"{scalars['tokens_per_s']:.3g} tok/s")
+    return " ".join(parts)
+
+
 def nonfinite_message(step: int, metrics: dict[str, float]) -> str:
     return (
         f"non-finite loss or gradients at step {step} (loss={metrics.get('loss')}, "
@@ -200,7 +214,7 @@ def train_loop(
                     summary["train"] = scalars
                     loss = scalars.get("loss")
                     if bar is None:  # the bar shows rates and loss live instead
-                        log(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
+                        log(console_line(step, loop.num_steps, scalars))
                 if bar is not None:
                     bar.update(step, loss=loss, tokens=tokens)
                 if step_callback is not None:
@@ -231,4 +245,11 @@ def train_loop(
     return state, summary
 
 
-__all__ = ["LoopConfig", "evaluate", "global_batch", "nonfinite_message", "train_loop"]
+__all__ = [
+    "LoopConfig",
+    "console_line",
+    "evaluate",
+    "global_batch",
+    "nonfinite_message",
+    "train_loop",
+]

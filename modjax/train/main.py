@@ -268,6 +268,7 @@ def run(config, workdir: str, *, step_callback=None, log: Callable[[str], None] 
         keep=loop.keep_checkpoints, async_save=loop.async_checkpoint,
     )  # fmt: skip
     writer = MetricWriter(workdir)
+    log(f"writing metrics to {writer.path} (TensorBoard: {os.path.join(workdir, 'tensorboard')})")
     preemption = install_preemption_handlers()
     try:
         state, summary = train_loop(

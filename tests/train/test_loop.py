@@ -40,6 +40,9 @@ def test_nonfinite_skip_counts_and_finishes(tmp_path, capsys):
     args = ["--config", CONFIG, "--workdir", str(tmp_path), *TINY]
     assert main([*args, "--config.train.on_nonfinite=skip"]) == 0
     out = capsys.readouterr().out
+    # a plain console line per log step: position, loss, skipped, rates (not every metric)
+    assert "step 6/6 loss=" in out and "accuracy=" in out and "skipped=5" in out
+    assert "steps/s" in out and "tok/s" in out and "moe/" not in out
     assert json.loads(out.strip().splitlines()[-1]) == {"step": 6, "preempted": False}
     records = [json.loads(line) for line in open(os.path.join(tmp_path, "metrics.jsonl"))]
     last = [r for r in records if "skipped" in r][-1]
