@@ -544,7 +544,8 @@ def save_module_params(model: nnx.Module, path: str | os.PathLike) -> int:
 
 def load_module_params(model: nnx.Module, path: str | os.PathLike) -> None:
     """Load a file of :func:`save_module_params` into ``model`` (after the same surgery);
-    the key sets and shapes must agree exactly, else a ValueError lists the differences."""
+    the key sets, shapes and dtypes must agree exactly, else a ValueError names the
+    difference."""
     flat = _flat_module_state(model)
     with np.load(os.fspath(path)) as data:
         dtypes = json.loads(bytes(data["__dtypes__"]).decode())
@@ -561,6 +562,9 @@ def load_module_params(model: nnx.Module, path: str | os.PathLike) -> None:
         a = a.view(dt) if a.dtype != dt else a
         if a.shape != var[...].shape:
             raise ValueError(f"{key!r}: file has shape {a.shape}, model has {var[...].shape}")
+        # a silent cast would change the model's dtype (or round the file's values)
+        if dt != var[...].dtype:
+            raise ValueError(f"{key!r}: file has dtype {dt.name}, model has {var[...].dtype}")
         flat[key] = var.replace(jnp.asarray(a, dtype=dt))
     state = nnx.to_flat_state(nnx.state(model, MODULE_STATE))
     new = [(k, flat[_path_str(k)]) for k, _ in state]

@@ -254,6 +254,10 @@ def test_save_load_bfloat16_and_mismatch(tmp_path):
     surgery.add_lora(wrong_rank, "layers/*/attn/query", rank=3, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"file has shape \(8, 2\), model has \(8, 3\)"):
         surgery.load_module_params(wrong_rank, tmp_path / "m.npz")
+    float32 = Model()
+    surgery.add_lora(float32, "layers/*/attn/query", rank=2, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"lora_a': file has dtype bfloat16, model has float32"):
+        surgery.load_module_params(float32, tmp_path / "m.npz")
     with pytest.raises(ValueError, match="has no module parameters to save"):
         surgery.save_module_params(Model(), tmp_path / "empty.npz")
 
