@@ -130,9 +130,12 @@ def test_gumbel_and_straight_through():
     for r in (
         straight_through_routing(logits.at[2, 0].set(jnp.nan), 1),
         soft_routing(logits.at[2, 0].set(jnp.nan)),
+        gumbel_softmax_routing(logits.at[2, 0].set(jnp.nan), key, hard=True, k=2),
+        gumbel_softmax_routing(logits.at[2, 0].set(jnp.nan), key),
     ):
         assert not r.kept[2].any() and float(jnp.abs(r.weight).sum()) > 0
-        assert np.all(np.isfinite(r.weight)) and int(r.expert_index.max()) < 4
+        assert np.all(np.isfinite(r.weight)) and float(jnp.abs(r.weight[2]).sum()) == 0
+        assert int(r.expert_index.min()) >= 0 and int(r.expert_index.max()) < 4
     ev = gumbel_softmax_routing(logits, None, hard=True)
     np.testing.assert_array_equal(ev.expert_index[:, 0], np.asarray(logits).argmax(-1))
 
