@@ -203,13 +203,14 @@ def measure(n: int, args, size: dict, per: dict) -> dict:
 
     t0 = time.perf_counter()
     state, step = _trainer(cfg, mesh)
+    timing_batch = _batches(1, batch, seq, vocab, seed=1000 + n)[0]
+    with jax.set_mesh(mesh):  # compiled once, ahead of time: the HLO and the timed step
+        step = step.lower(state, global_batch(timing_batch, mesh)).compile()
+    hlo = step.as_text()
     check = _batches(args.loss_steps, check_batch, seq, vocab, seed=n)
     losses_n = None
-    if check_batch == batch:  # the loss-check steps also compile and warm the timed step
+    if check_batch == batch:  # the loss-check steps share the compiled step, and warm it
         state, losses_n = _run_losses(state, step, mesh, check)
-    timing_batch = _batches(1, batch, seq, vocab, seed=1000 + n)[0]
-    with jax.set_mesh(mesh):
-        hlo = step.lower(state, global_batch(timing_batch, mesh)).compile().as_text()
     state, step_s = _time_steps(state, step, mesh, timing_batch, args.warmup, args.steps)
     del state
     ops = hlo_all_to_alls(hlo)
@@ -277,9 +278,13 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--loss_steps", type=int, default=20)
     p.add_argument("--loss_rtol", type=float, default=None, help="2^-7 bf16, 1e-4 float32")
     p.add_argument("--peak_tflops", type=float, default=785.0, help="per device, bf16")
-    p.add_argument("--out", default="", help="write the rows here as JSON")
+    p.add_argument("--baseline", type=float, default=None,
+                   help="tokens/s per device at 1 device from an earlier call (weak-scaling "
+                        "efficiency base; default: the first count run now)")  # fmt: skip
+    p.add_argument("--out", default="", help="write the rows here as JSON (after each count)")
     args = p.parse_args(argv)
-    size = dict(TINY if args.tiny else FULL)
+    # experts and batch of FULL/TINY are the 1-device sizes: here they scale with n.
+    size = {k: v for k, v in (TINY if args.tiny else FULL).items() if k not in PER_DEVICE["full"]}
     size.update({k: getattr(args, k) for k in ("seq", "d_model", "layers", "k")
                  if getattr(args, k) is not None})  # fmt: skip
     per = dict(PER_DEVICE["tiny" if args.tiny else "full"])
@@ -298,18 +303,18 @@ def main(argv=None) -> list[dict]:
           f"dtype {args.dtype}, per device: {per}, model: {size}, "
           f"NCCL_NVLS_ENABLE={os.environ.get('NCCL_NVLS_ENABLE')}", flush=True)  # fmt: skip
     rows = []
+    meta = {"device": jax.devices()[0].device_kind, "dtype": args.dtype, "per_device": per,
+            "model": size, "loss_rtol": args.loss_rtol}  # fmt: skip
     for n in counts:
         rows.append(measure(n, args, size, per))
+        base = args.baseline or rows[0]["tokens_per_s_per_device"]
+        for r in rows:
+            r["efficiency"] = r["tokens_per_s_per_device"] / base
         print(json.dumps(rows[-1]), flush=True)
-    base = rows[0]["tokens_per_s_per_device"]
-    for r in rows:
-        r["efficiency"] = r["tokens_per_s_per_device"] / base
-    if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        meta = {"device": jax.devices()[0].device_kind, "dtype": args.dtype, "per_device": per,
-                "model": size, "loss_rtol": args.loss_rtol}  # fmt: skip
-        with open(args.out, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        if args.out:  # after each count: a run cut short still leaves its rows
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "rows": rows}, f, indent=1)
     if jax.devices()[0].platform == "cpu":
         print("(simulated CPU devices share the host's cores: times are mechanics, not speed)")
     print(markdown_table(rows))
