@@ -6,7 +6,7 @@
   Non-Destructive Task Composition for Transfer Learning"): a dot-product attention whose
   query is the sublayer output and whose keys and values are the E adapter outputs, so
   each token learns its own mixture of adapters. The projections are arrays the caller
-  owns (:class:`modjax.layers.mixture.Fuse` holds them as parameters).
+  owns (:class:`modjax.layers.blocks.Fuse` holds them as parameters).
 """
 
 from __future__ import annotations
