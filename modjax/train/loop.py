@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from modjax.sharding import batch_sharding
-from modjax.train.metrics import ProgressBar
+from modjax.train.metrics import ProgressBar, is_terminal
 from modjax.train.step import NONFINITE_POLICIES, TrainState
 
 
@@ -171,8 +171,8 @@ def train_loop(
 
     pending = None  # the previous step's metrics, checked after the next is dispatched
     t0, t_steps, t_tokens = time.perf_counter(), 0, 0
-    isatty = getattr(progress_stream, "isatty", lambda: False)()
-    bar = ProgressBar(loop.num_steps, initial=step, stream=progress_stream) if isatty else None
+    on_terminal = progress_stream is not None and is_terminal(progress_stream)
+    bar = ProgressBar(loop.num_steps, initial=step, stream=progress_stream) if on_terminal else None
     loss = None  # the last logged loss, shown by the bar between log steps (no device sync)
 
     def say(message: str):

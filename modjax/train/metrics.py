@@ -193,6 +193,17 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+def is_terminal(stream) -> bool:
+    """Whether ``stream`` is a terminal a bar can be drawn on (a TTY with a width; a
+    pseudo-terminal of width 0 would show nothing)."""
+    if not getattr(stream, "isatty", lambda: False)():
+        return False
+    try:
+        return os.get_terminal_size(stream.fileno()).columns > 0
+    except (AttributeError, OSError, ValueError):
+        return True  # a TTY-like stream without a file descriptor (tests)
+
+
 class ProgressBar:
     """A tqdm bar showing steps/s, tokens/s and the loss; plain lines when not a TTY.
 
@@ -231,9 +242,8 @@ class ProgressBar:
         self.step, self.loss = initial, None
         self.steps_per_s = self.tokens_per_s = 0.0
         self._last_time = self._last_print = time.perf_counter()
-        isatty = getattr(self.stream, "isatty", lambda: False)()
         self._bar = None
-        if not self.quiet and isatty:
+        if not self.quiet and is_terminal(self.stream):
             from tqdm import tqdm
 
             self._bar = tqdm(total=total, initial=initial, desc=desc, file=self.stream)
@@ -290,4 +300,4 @@ class ProgressBar:
         self.close()
 
 
-__all__ = ["METRICS_FILE", "MetricWriter", "ProgressBar", "read_metrics"]
+__all__ = ["METRICS_FILE", "MetricWriter", "ProgressBar", "is_terminal", "read_metrics"]
