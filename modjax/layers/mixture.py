@@ -45,6 +45,7 @@ from flax import nnx
 
 from modjax.aggregation import parameter as parameter_lib
 from modjax.aggregation import representation as representation_lib
+from modjax.routing import checks
 from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array, DType
 
@@ -276,7 +277,8 @@ class Mixture(Composition):
     train=False)``. The weights come from exactly one of: ``routing`` (a ``Routing`` or
     ``DenseRouting``, via ``.dense_weights()`` ``[..., T, E]``), ``weights`` (``[..., E]``,
     e.g. ``[B, E]`` per example), the router (when there is one; it also receives
-    ``task_ids``), or ``task_ids`` alone (``[B]`` or ``[B, T]`` ints: one-hot task routing).
+    ``task_ids``), or ``task_ids`` alone (``[B]`` or ``[B, T]`` ints in ``[0, E)``: one-hot
+    task routing; known ids out of range raise, traced ones get zero weights).
 
     Example:
       >>> loras = [LoRALinear(16, 16, rank=4, rngs=nnx.Rngs(i)) for i in range(4)]
@@ -331,6 +333,8 @@ class Mixture(Composition):
             ids = jnp.asarray(task_ids)
             if not jnp.issubdtype(ids.dtype, jnp.integer) or ids.ndim not in (1, 2):
                 raise ValueError(f"task_ids must be int [B] or [B, T], got {ids.dtype} {ids.shape}")
+            # known ids out of range fail here; traced ones get all-zero weights
+            checks.check_known_in_range("task_ids", ids, e)
             weights = jax.nn.one_hot(ids, e, dtype=jnp.float32)
         weights = jnp.asarray(weights)
         if weights.ndim < 1 or weights.shape[-1] != e:

@@ -181,6 +181,8 @@ def test_bad_input():
     soft = R.soft_moe_routing(jnp.zeros((3, 4, 3, 1)))
     with pytest.raises(ValueError, match=r"dispatch .* = \(3, 4, 3, 1\) does not match"):
         Mixture(mods, aggregator="dispatch")(x, routing=soft)
+    with pytest.raises(ValueError, match=r"task_ids must be in \[0, 3\), got values \[-1\]"):
+        Mixture(mods)(x, task_ids=jnp.array([0, -1, 2]))
     with pytest.raises(ValueError, match="pass routing=, weights= or task_ids="):
         Mixture(mods)(x)
     with pytest.raises(ValueError, match=r"modules\[1\] \(Linear\) differs"):
