@@ -184,7 +184,10 @@ def collect_aux(auxes: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "aux_losses": losses,
         "metrics": {k: jnp.mean(jnp.stack(v)) for k, v in metrics.items()},
     }
-    if loads and len({x.shape for x in loads}) == 1:
+    if loads:
+        shapes = sorted({x.shape for x in loads})
+        if len(shapes) > 1:  # the aux-loss-free bias step needs one [L_moe, E] array
+            raise ValueError(f"sparse blocks report expert loads of different shapes {shapes}")
         out["expert_load"] = jnp.stack(loads)
     return out
 

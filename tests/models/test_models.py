@@ -14,6 +14,7 @@ from modjax.models import (
     MLPConfig,
     TransformerConfig,
     TransformerLM,
+    collect_aux,
     make_model,
     sparse_layer_indices,
 )
@@ -83,6 +84,16 @@ def test_moe_placement_and_aux():
     assert [b.ffn_kind for b in bottom.blocks] == ["moe", "moe", "dense"]
     _, aux2 = _apply(bottom, jnp.zeros((2, 8), jnp.int32))
     assert aux2["expert_load"].shape == (2, 4)
+
+
+def test_collect_aux_sums_averages_stacks():
+    aux = lambda loss, load: {"aux_losses": {"lb": loss}, "metrics": {"m": loss},
+                              "expert_load": load}  # fmt: skip
+    out = collect_aux([aux(1.0, jnp.ones(4)), aux(3.0, None), aux(2.0, jnp.zeros(4))])
+    assert float(out["aux_losses"]["lb"]) == 6.0 and float(out["metrics"]["m"]) == 2.0
+    np.testing.assert_array_equal(out["expert_load"], [[1.0] * 4, [0.0] * 4])
+    with pytest.raises(ValueError, match=r"different shapes \[\(2,\), \(4,\)\]"):
+        collect_aux([aux(1.0, jnp.ones(4)), aux(1.0, jnp.ones(2))])
 
 
 def test_encoder_tokens_forward():
