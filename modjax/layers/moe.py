@@ -92,6 +92,12 @@ class MoE(nnx.Module):
         assignment). Routers that return dense dispatch/combine tensors (``"soft"``,
         ``"soft_moe"``, ``"expert_choice"``) always run the einsum formulation.
       router_options: more keyword arguments of the Router (``granularity``, ...).
+      ep_capacity_factor: on an expert-parallel mesh, the all-to-all receive buffer per
+        device pair as a multiple of the average load (None: the dropless worst case,
+        which grows with the number of expert devices); see
+        :func:`modjax.parallel.expert_parallel.expert_parallel_apply`.
+      ep_overflow: what assignments beyond that buffer do: ``"count"`` (they contribute
+        zero and are counted in ``metrics["ep_overflow"]``) or ``"error"``.
       dtype: compute dtype of the experts; param_dtype: storage dtype of all weights.
       kernel_init: initializer of one ``[fan_in, fan_out]`` matrix.
       rngs: ``nnx.Rngs``.
@@ -121,6 +127,8 @@ class MoE(nnx.Module):
         jitter: float = 0.0,
         aux_loss_free: bool = False,
         router_options: dict[str, Any] | None = None,
+        ep_capacity_factor: float | None = None,
+        ep_overflow: str = "count",
         dtype: DType = jnp.float32,
         param_dtype: DType = jnp.float32,
         kernel_init=_DEFAULT_INIT,
@@ -150,7 +158,12 @@ class MoE(nnx.Module):
             raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
         self.d_model, self.num_experts, self.d_ff, self.k = d_model, num_experts, d_ff, k
         self.activation, self.strategy, self.impl = activation, strategy, impl
+        if ep_capacity_factor is not None and not ep_capacity_factor > 0:
+            raise ValueError(f"ep_capacity_factor must be > 0 or None, got {ep_capacity_factor!r}")
+        if ep_overflow not in ("count", "error"):
+            raise ValueError(f"ep_overflow must be 'count' or 'error', got {ep_overflow!r}")
         self.block_size = block_size
+        self.ep_capacity_factor, self.ep_overflow = ep_capacity_factor, ep_overflow
         self.dtype = check_float_dtype("dtype", dtype)
         self.param_dtype = check_float_dtype("param_dtype", param_dtype)
 
@@ -259,8 +272,12 @@ class MoE(nnx.Module):
                 expert_fn = ffn_lib.make_expert_fn(
                     self.activation, block_size=self.block_size, impl=self.impl
                 )
-                y, stats = expert_parallel.expert_parallel_apply(x2, flat, expert_fn, params)
+                y, stats = expert_parallel.expert_parallel_apply(
+                    x2, flat, expert_fn, params,
+                    capacity_factor=self.ep_capacity_factor, overflow=self.ep_overflow,
+                )  # fmt: skip
                 metrics["ep_overflow"] = stats.overflow.astype(jnp.float32)
+                metrics["ep_max_pair_load"] = stats.max_pair_load.astype(jnp.float32)
                 return y.reshape(x.shape)
             y = ffn_lib.moe_ffn(
                 x2, flat, params, activation=self.activation, strategy="dropless",

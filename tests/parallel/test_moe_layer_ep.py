@@ -42,3 +42,28 @@ def test_moe_layer_expert_parallel_equals_meshless(mesh_shape):
     for a, b in zip(flat, flat_ref, strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL)
     assert float(jnp.abs(g[0]["router"]["kernel"][...]).sum()) > 0
+
+
+def test_moe_layer_ep_capacity_factor_bounds_the_buffer_and_counts_overflow():
+    """A tiny ep_capacity_factor overflows (counted, never silent); a large one does not."""
+    x = jax.random.normal(jax.random.key(1), (4, 16, 16))
+    # Route every token to expert 0 (one device pair takes all the load).
+    skew = jnp.zeros((16, 8)).at[:, 0].set(10.0).at[:, 1].set(5.0)
+    mesh = make_mesh(data=2, expert=4)
+    results = {}
+    for factor in (0.25, 8.0):
+        moe = MoE(
+            16, num_experts=8, d_ff=32, k=2, block_size=8, ep_capacity_factor=factor,
+            rngs=nnx.Rngs(0),
+        )  # fmt: skip
+        moe.router.kernel[...] = skew
+        with jax.set_mesh(mesh):
+            out = nnx.jit(lambda m, x: m(x))(moe, x)
+        results[factor] = (float(out.metrics["ep_overflow"]), out.metrics["ep_max_pair_load"])
+    assert results[0.25][0] > 0
+    assert results[8.0][0] == 0.0
+    assert float(results[8.0][1]) > 0
+    with pytest.raises(ValueError, match="ep_capacity_factor"):
+        MoE(16, num_experts=8, d_ff=32, ep_capacity_factor=0.0, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="ep_overflow"):
+        MoE(16, num_experts=8, d_ff=32, ep_overflow="drop", rngs=nnx.Rngs(0))

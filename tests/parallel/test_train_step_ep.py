@@ -15,7 +15,7 @@ from modjax.sharding import batch_sharding, make_mesh
 from modjax.train.optim import OptimizerConfig, make_optimizer, param_labels
 from modjax.train.step import (
     TaskConfig,
-    _router_bias_mask,
+    router_bias_mask,
     init_train_state,
     make_train_step,
 )
@@ -44,7 +44,7 @@ def _losses(mesh) -> list[float]:
     )
     tx = make_optimizer(opt, labels_box["labels"])
     abstract = nnx.eval_shape(lambda: TransformerLM(_config(), rngs=nnx.Rngs(0)))
-    bias_mask = _router_bias_mask(nnx.split(abstract, nnx.Param, ...)[2])
+    bias_mask = router_bias_mask(nnx.split(abstract, nnx.Param, ...)[2])
     step = make_train_step(
         graphdef,
         tx,
