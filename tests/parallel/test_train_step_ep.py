@@ -15,9 +15,9 @@ from modjax.sharding import batch_sharding, make_mesh
 from modjax.train.optim import OptimizerConfig, make_optimizer, param_labels
 from modjax.train.step import (
     TaskConfig,
-    router_bias_mask,
     init_train_state,
     make_train_step,
+    router_bias_mask,
 )
 
 STEPS = 2
