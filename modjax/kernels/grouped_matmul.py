@@ -15,7 +15,8 @@ Implementations (``impl=``), all computing the same function:
 
 * ``"reference"``: a loop over groups of masked dense matmuls, obviously correct and G
   times the work; the twin every fast path is tested against.
-* ``"xla"``: a ``fori_loop`` over the used blocks, one small matmul each (fast on CPU).
+* ``"xla"``: a ``fori_loop`` over the used blocks, a batched matmul over a few blocks
+  at a time (the CPU path).
 * ``"pallas"``: Triton-lowered Pallas kernels (:mod:`modjax.kernels.pallas_gmm`), for
   GPUs; with ``interpret=True`` they run anywhere (slowly), which the tests use on CPU.
 * ``"auto"`` (default): ``"pallas"`` on GPU, ``"xla"`` elsewhere.
@@ -177,41 +178,61 @@ def _tgmm_reference(x, dy, layout, block_size):
     return jnp.stack(out)
 
 
-def _gmm_xla(x, w, layout, block_size, transpose_rhs):
-    nb, bs = layout.num_blocks, block_size
-    n = w.shape[1] if transpose_rhs else w.shape[2]
-    xb = x.reshape(nb, bs, x.shape[1])
+# Blocks per step of the XLA loops: a batched matmul over CHUNK blocks keeps XLA:CPU's
+# threads busy (one 128-row matmul at a time left a core idle), while the gathered
+# weights stay a constant CHUNK * K * N, independent of T.
+_XLA_CHUNK = 8
 
-    def body(b, out):
-        wg = jax.lax.dynamic_index_in_dim(w, layout.block_group[b], keepdims=False)
-        xk = jax.lax.dynamic_index_in_dim(xb, b, keepdims=False)
-        dims = (((1,), (1,)), ((), ())) if transpose_rhs else (((1,), (0,)), ((), ()))
-        y = jax.lax.dot_general(xk, wg, dims, preferred_element_type=jnp.float32)
-        return jax.lax.dynamic_update_index_in_dim(out, y.astype(x.dtype), b, 0)
+
+def _chunked_blocks(layout, chunk):
+    """Block ids padded to whole chunks, a mask of the used ones, the chunk count."""
+    nb = layout.num_blocks
+    num_chunks = -(-nb // chunk)
+    ids = jnp.arange(num_chunks * chunk, dtype=jnp.int32)
+    used = ids < layout.group_start[-1]
+    groups = jnp.pad(layout.block_group, (0, num_chunks * chunk - nb), mode="edge")
+    n_used_chunks = (layout.group_start[-1] + chunk - 1) // chunk
+    return groups, used, num_chunks, n_used_chunks
+
+
+def _gmm_xla(x, w, layout, block_size, transpose_rhs):
+    nb, bs, c = layout.num_blocks, block_size, _XLA_CHUNK
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    groups, used, num_chunks, n_used = _chunked_blocks(layout, c)
+    xb = jnp.pad(x.reshape(nb, bs, x.shape[1]), ((0, num_chunks * c - nb), (0, 0), (0, 0)))
+    spec = "cbk,cnk->cbn" if transpose_rhs else "cbk,ckn->cbn"
+
+    def body(i, out):
+        xk = jax.lax.dynamic_slice_in_dim(xb, i * c, c)
+        wk = jnp.take(w, jax.lax.dynamic_slice_in_dim(groups, i * c, c), axis=0)
+        y = jnp.einsum(spec, xk, wk, preferred_element_type=jnp.float32)
+        keep = jax.lax.dynamic_slice_in_dim(used, i * c, c)[:, None, None]
+        y = jnp.where(keep, y, 0.0).astype(x.dtype)
+        return jax.lax.dynamic_update_slice_in_dim(out, y, i * c, 0)
 
     # zeros_like (not zeros) so the carry inherits x's varying mesh axes under shard_map
-    out = jnp.zeros_like(x, shape=(nb, bs, n))
-    out = jax.lax.fori_loop(0, layout.group_start[-1], body, out)
-    return out.reshape(nb * bs, n)
+    out = jnp.zeros_like(x, shape=(num_chunks * c, bs, n))
+    out = jax.lax.fori_loop(0, n_used, body, out)
+    return out[:nb].reshape(nb * bs, n)
 
 
 def _tgmm_xla(x, dy, layout, block_size):
-    nb, bs = layout.num_blocks, block_size
-    xb = x.reshape(nb, bs, x.shape[1])
-    dyb = dy.reshape(nb, bs, dy.shape[1])
+    nb, bs, c = layout.num_blocks, block_size, _XLA_CHUNK
+    groups, used, num_chunks, n_used = _chunked_blocks(layout, c)
+    pad = ((0, num_chunks * c - nb), (0, 0), (0, 0))
+    xb = jnp.pad(x.reshape(nb, bs, x.shape[1]), pad)
+    dyb = jnp.pad(dy.reshape(nb, bs, dy.shape[1]), pad)
 
-    def body(b, dw):
-        g = layout.block_group[b]
-        xk = jax.lax.dynamic_index_in_dim(xb, b, keepdims=False)
-        dk = jax.lax.dynamic_index_in_dim(dyb, b, keepdims=False)
-        upd = jax.lax.dot_general(
-            xk, dk, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
-        )
-        cur = jax.lax.dynamic_index_in_dim(dw, g, keepdims=False)
-        return jax.lax.dynamic_update_index_in_dim(dw, cur + upd, g, 0)
+    def body(i, dw):
+        xk = jax.lax.dynamic_slice_in_dim(xb, i * c, c)
+        dk = jax.lax.dynamic_slice_in_dim(dyb, i * c, c)
+        upd = jnp.einsum("cbk,cbn->ckn", xk, dk, preferred_element_type=jnp.float32)
+        keep = jax.lax.dynamic_slice_in_dim(used, i * c, c)[:, None, None]
+        g = jax.lax.dynamic_slice_in_dim(groups, i * c, c)
+        return dw.at[g].add(jnp.where(keep, upd, 0.0))
 
     dw = jnp.zeros_like(x, dtype=jnp.float32, shape=(layout.num_groups, x.shape[1], dy.shape[1]))
-    return jax.lax.fori_loop(0, layout.group_start[-1], body, dw)
+    return jax.lax.fori_loop(0, n_used, body, dw)
 
 
 def _gmm_pallas(x, w, layout, block_size, transpose_rhs, interpret):
