@@ -25,7 +25,6 @@ import difflib
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -36,6 +35,7 @@ from flax import nnx
 
 from modjax.computation import adapter as adapter_lib
 from modjax.computation import sparse as sparse_lib
+from modjax.files import atomic_save_npz
 from modjax.layers.adapter import Adapter, ParallelAdapter, SequentialAdapter
 from modjax.layers.hypernet import HyperLoRA
 from modjax.layers.ia3 import IA3Scaled
@@ -526,19 +526,7 @@ def save_module_params(model: nnx.Module, path: str | os.PathLike) -> int:
             a = a.view(f"u{a.dtype.itemsize}")
         arrays[key] = a
     arrays["__dtypes__"] = np.frombuffer(json.dumps(dtypes).encode(), dtype=np.uint8)
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_save_npz(path, **arrays)
     return len(flat)
 
 

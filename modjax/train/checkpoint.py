@@ -11,11 +11,9 @@ array on the target's mesh, whatever mesh or device count wrote it.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
-import tempfile
 import threading
 from typing import Any
 
@@ -23,6 +21,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from modjax.files import atomic_save_npz
 from modjax.typing import PyTree
 
 _STATE, _EXTRA = "state", "extra"
@@ -261,22 +260,6 @@ def install_preemption_handlers(*, sync_every: int = 1) -> PreemptionWatcher:
     return PreemptionWatcher(sync_every=sync_every).install()
 
 
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _leaf_key(path) -> str:
     return jax.tree_util.keystr(path)
 
@@ -315,9 +298,7 @@ def save_params(path: str, state: PyTree) -> None:
     meta = json.dumps({"keys": index, "dtypes": dtypes})
     if jax.process_index() != 0:
         return
-    buffer = io.BytesIO()
-    np.savez(buffer, __meta__=np.array(meta), **arrays)
-    _atomic_write_bytes(os.fspath(path), buffer.getvalue())
+    atomic_save_npz(path, __meta__=np.array(meta), **arrays)
 
 
 def load_params(path: str, target: PyTree) -> PyTree:
