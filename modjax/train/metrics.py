@@ -8,6 +8,7 @@ same file; readers keep the last record of a repeated step.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -17,6 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
+
+from modjax.files import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 ARRAYS_DIR = "arrays"
@@ -137,9 +140,9 @@ class MetricWriter:
         directory = os.path.join(self.workdir, ARRAYS_DIR)
         os.makedirs(directory, exist_ok=True)
         target = os.path.join(directory, f"{name.replace('/', '_')}.npy")
-        tmp = target + ".tmp.npy"
-        np.save(tmp, array)
-        os.replace(tmp, target)
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        atomic_write_bytes(target, buffer.getvalue())
         if self._tb is not None:
             for i, row in enumerate(array):
                 self._tb.add_histogram(f"{name}/layer_{i}", row, step)

@@ -7,6 +7,7 @@ file and renamed, so a plot is either the old one or the new one, never half.
 
 from __future__ import annotations
 
+import io
 import os
 import re
 from collections.abc import Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from modjax.files import atomic_write_bytes
 from modjax.train.metrics import ARRAYS_DIR, read_metrics
 
 PLOTS_DIR = "plots"
@@ -31,10 +33,10 @@ def _pyplot():
 
 
 def _save(fig, path: str) -> str:
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
     _pyplot().close(fig)
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
 
 
