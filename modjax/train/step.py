@@ -47,7 +47,8 @@ class TaskConfig:
       name: ``"lm"`` (next-token cross-entropy; targets default to inputs shifted by one)
         or ``"classification"``.
       input_key, target_key: batch keys of the model input and the targets
-        (``target_key=""`` for an LM means "shift the inputs").
+        (``target_key=""`` for an LM: the input holds T + 1 tokens, the model reads the
+        first T and is scored on the last T; a mask is then shaped like the input).
       mask_key: optional batch key of a 0/1 loss mask shaped like the targets.
       context: model keyword argument -> batch key, passed to sparse layers (e.g.
         ``{"task_ids": "task"}`` for task routing).
@@ -82,8 +83,9 @@ def _batch_value(batch, key: str, field: str):
     return batch[key]
 
 
-def _model_call(model, batch, task: TaskConfig, train: bool):
-    inputs = _batch_value(batch, task.input_key, "task.input_key")
+def _model_call(model, batch, task: TaskConfig, train: bool, inputs=None):
+    if inputs is None:
+        inputs = _batch_value(batch, task.input_key, "task.input_key")
     context = {
         arg: _batch_value(batch, key, f"task.context[{arg!r}]") for arg, key in task.context.items()
     }
@@ -96,13 +98,14 @@ def _loss_mask(batch, task: TaskConfig):
 
 def lm_loss(model, batch, task: TaskConfig, train: bool = False):
     """Next-token cross-entropy of a causal LM, averaged over (masked) positions."""
-    logits, aux = _model_call(model, batch, task, train)
     mask = _loss_mask(batch, task)
     if task.target_key:
+        logits, aux = _model_call(model, batch, task, train)
         targets = _batch_value(batch, task.target_key, "task.target_key")
-    else:
-        targets = batch[task.input_key][:, 1:]
-        logits = logits[:, :-1]
+    else:  # one sequence of T + 1 tokens: the model reads the first T, predicts the last T
+        tokens = _batch_value(batch, task.input_key, "task.input_key")
+        logits, aux = _model_call(model, batch, task, train, inputs=tokens[:, :-1])
+        targets = tokens[:, 1:]
         mask = None if mask is None else mask[:, 1:]
     loss, metrics = _cross_entropy(logits, targets, mask)
     return loss, metrics, aux
@@ -273,13 +276,23 @@ def init_train_state(
     tx_fn: Callable[[nnx.State], optax.GradientTransformation],
     mesh: jax.sharding.Mesh,
     rules: Mapping = DEFAULT_RULES,
+    host_init: bool | None = None,
 ):
     """Build the model, shard it over ``mesh`` by logical names and init the optimizer.
 
     Args:
       model_fn: builds the model (called under ``jax.eval_shape`` and once for real,
-        inside a jit with sharded outputs, so parameters are born sharded).
+        inside one jit).
       tx_fn: the optimizer from the abstract params state (for partition labels).
+      rules: logical axis rules.
+      host_init: run that jit on the host CPU and copy the values onto ``mesh``
+        (``True``), or run it on the mesh with sharded outputs so parameters are born
+        sharded (``False``). ``None``: host on GPU meshes of one process, mesh
+        otherwise. XLA:GPU compiles one large initialisation graph in time superlinear
+        in its size (the 12-layer LM of ``benchmarks/train_step.py``: 6 s at 2 layers,
+        17 s at 4, over 170 s at 12 on an H200, jax 0.11.2) while XLA:CPU takes ~11 s
+        for all 12; host init also gives the same initial values on every backend.
+        It needs the host to hold the full model once.
 
     Returns:
       ``(graphdef, state, tx, shardings)`` where ``shardings`` is the TrainState of
@@ -292,14 +305,35 @@ def init_train_state(
     rest_sh = state_shardings(abs_rest, mesh, rules)
     replicated = jax.sharding.NamedSharding(mesh, jax.P())
 
-    def init():
+    def init(constrain: bool = True):
         _, params, rest = split_model(model_fn())
         params, rest = nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
-        params = jax.lax.with_sharding_constraint(params, param_sh)
+        if constrain:
+            params = jax.lax.with_sharding_constraint(params, param_sh)
         return params, rest
 
+    platform = mesh.devices.flat[0].platform
+    if host_init is None:
+        host_init = platform == "gpu" and jax.process_count() == 1
+    if host_init:
+        if jax.process_count() > 1:
+            raise ValueError("host_init=True needs a single-process run; got "
+                             f"jax.process_count()={jax.process_count()}")  # fmt: skip
+        try:
+            cpu = jax.devices("cpu")[0]
+        except RuntimeError as e:
+            raise RuntimeError(
+                "host_init needs jax's CPU backend next to the accelerator; include it in "
+                f"JAX_PLATFORMS (e.g. 'cuda,cpu'; now {jax.config.jax_platforms!r}) or pass "
+                "host_init=False"
+            ) from e
+        with jax.default_device(cpu):
+            host_params, host_rest = jax.jit(init, static_argnums=0)(False)
+        params = jax.device_put(host_params, param_sh)
+        rest = jax.device_put(host_rest, rest_sh)
     with jax.set_mesh(mesh):
-        params, rest = jax.jit(init, out_shardings=(param_sh, rest_sh))()
+        if not host_init:
+            params, rest = jax.jit(init, out_shardings=(param_sh, rest_sh))()
         opt_state = jax.jit(tx.init)(params)
     opt_sh = jax.tree.map(lambda x: x.sharding, opt_state)
 

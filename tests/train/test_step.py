@@ -118,3 +118,25 @@ def test_router_bias_update_outside_optimizer():
     np.testing.assert_array_equal(out["b"]["other"], 1.0)
     with pytest.raises(ValueError, match=r"2 router biases but expert_load has shape \(1, 3\)"):
         update_router_biases(rest, mask, load[:1], 0.1)
+
+
+def test_host_init_equals_mesh_init_values_and_shardings():
+    # host init (the GPU default) and init on the mesh give the same sharded state
+    cfg = MLPConfig(in_features=8, num_classes=4, d_model=16, d_ff=32, num_layers=2,
+                    ffn="moe", sparse_kwargs=dict(num_experts=4, k=2))  # fmt: skip
+    model_fn = lambda: MLP(cfg, rngs=nnx.Rngs(3))
+    opt = OptimizerConfig(learning_rate=1e-2)
+    tx_fn = lambda p: make_optimizer(opt, param_labels(p, opt))
+    mesh = make_mesh(data=2, expert=4)
+    _, host, _, host_sh = init_train_state(model_fn, tx_fn, mesh, host_init=True)
+    _, dev, _, dev_sh = init_train_state(model_fn, tx_fn, mesh, host_init=False)
+    assert jax.tree.structure(host) == jax.tree.structure(dev)
+    assert jax.tree.leaves(host_sh) == jax.tree.leaves(dev_sh)
+    expert_axis = 0
+    for a, b in zip(jax.tree.leaves(host), jax.tree.leaves(dev)):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            a, b = jax.random.key_data(a), jax.random.key_data(b)
+        assert a.sharding == b.sharding
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        expert_axis += "expert" in str(a.sharding.spec)
+    assert expert_axis > 0  # the check covered expert-sharded weights
