@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from modjax.models.blocks import (
+    ATTENTION_IMPLS,
     Attention,
     FFNConfig,
     apply_blocks,
@@ -47,7 +48,9 @@ class TransformerConfig(FFNConfig):
         (see :func:`modjax.models.blocks.sparse_layer_indices`).
       sparse_kwargs: keyword arguments of the sparse layer (e.g. ``num_experts``, ``k``).
       tie_embeddings: logits through the transposed input embedding.
-      rope_base: RoPE frequency base; attention_impl: ``None``, ``"xla"`` or ``"cudnn"``.
+      rope_base: RoPE frequency base; attention_impl: ``"auto"`` (cuDNN flash attention
+        on GPU where it applies, else XLA), ``"xla"``, ``"cudnn"`` or ``None`` (jax's
+        choice); see ``modjax.models.blocks.attention``.
       dtype, param_dtype: compute and parameter dtypes.
     """
 
@@ -65,7 +68,7 @@ class TransformerConfig(FFNConfig):
     sparse_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     tie_embeddings: bool = True
     rope_base: float = 10_000.0
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
     dtype: str = "float32"
     param_dtype: str = "float32"
 
@@ -79,9 +82,9 @@ class TransformerConfig(FFNConfig):
                 f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}; "
                 "set head_dim"
             )
-        if self.attention_impl not in (None, "xla", "cudnn"):
+        if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
-                f"attention_impl must be None, 'xla' or 'cudnn', got {self.attention_impl!r}"
+                f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}"
             )
 
     @property

@@ -1,5 +1,7 @@
 """Models: shapes, aux outputs, sparse placement, logical axes, a training step each."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,6 +20,7 @@ from modjax.models import (
     make_model,
     sparse_layer_indices,
 )
+from modjax.models.blocks import attention
 
 MOE = dict(num_experts=4, k=2, strategy="einsum")  # the fastest to compile on CPU
 
@@ -120,6 +123,50 @@ def test_config_errors():
         EncoderConfig(num_classes=2, input_kind="patches", image_size=10, patch_size=3)
     with pytest.raises(ValueError, match="model name"):
         make_model("gpt", {}, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="attention_impl.*'flash'"):
+        TransformerConfig(vocab_size=8, attention_impl="flash")
+    with pytest.raises(ValueError, match="implementation.*'flash'"):
+        attention(*[jnp.zeros((1, 4, 2, 8))] * 3, causal=True, implementation="flash")
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_auto_equals_xla_values_and_grads(causal):
+    # "auto" is XLA off GPU (and for float32 on GPU): same values and gradients; the
+    # cuDNN branch is checked on a GPU by the test below.
+    q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 5, 3, 8))
+
+    def f(impl):
+        return lambda q, k, v: jnp.sum(jnp.sin(attention(q, k, v, causal=causal,
+                                                         implementation=impl)))  # fmt: skip
+
+    want, want_g = jax.value_and_grad(f("xla"), argnums=(0, 1, 2))(q, k, v)
+    got, got_g = jax.jit(jax.value_and_grad(f("auto"), argnums=(0, 1, 2)))(q, k, v)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_g, want_g):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # against attention written out
+    s = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(8)
+    if causal:
+        s = jnp.where(np.tril(np.ones((5, 5), bool)), s, -jnp.inf)
+    ref = jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(s, -1), v)
+    np.testing.assert_allclose(attention(q, k, v, causal=causal), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(os.environ.get("MODJAX_GPU_TESTS") != "1", reason="GPU (MODJAX_GPU_TESTS=1)")
+def test_attention_auto_is_cudnn_on_gpu_and_matches_xla_bf16():
+    q, k, v = jax.random.normal(jax.random.key(1), (3, 4, 256, 4, 64), jnp.bfloat16)
+    loss = lambda impl: (
+        lambda q, k, v: jnp.sum(
+            attention(q, k, v, causal=True, implementation=impl).astype(jnp.float32) ** 2
+        )
+    )
+    hlo = jax.jit(jax.grad(loss("auto"))).lower(q, k, v).as_text()
+    assert "cudnn" in hlo.lower()  # the fused kernel was chosen
+    got = jax.jit(jax.value_and_grad(loss("auto"), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.jit(jax.value_and_grad(loss("xla"), argnums=(0, 1, 2)))(q, k, v)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        np.testing.assert_allclose(a, b, rtol=3e-2, atol=3e-2 * np.abs(b).max())
 
 
 def _one_step(model, x, loss_of_logits):
