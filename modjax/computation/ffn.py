@@ -145,8 +145,9 @@ def grouped_ffn(
     num_experts = group_sizes.shape[0]
     ids = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(n), side="right")
     valid = ids < num_experts
-    ids = jnp.minimum(ids, num_experts - 1)
-    position, source, layout = gm.sort_to_blocks(ids, num_experts, block_size)
+    # Padding rows join no group: the kernels skip their blocks (an expert-parallel
+    # buffer sized for the worst case is mostly padding; none of it is multiplied).
+    position, source, layout = gm.sort_to_blocks(ids, num_experts, block_size, valid=valid)
     xp = jnp.take(x, source, axis=0, mode="fill", fill_value=0)
     yp = expert_ffn_blocks(
         xp,
@@ -198,7 +199,8 @@ def _combine(y_assign: Array, weight: Array, dtype) -> Array:
 def _dropless(x, routing, params, activation, block_size, impl, interpret):
     t, k = routing.expert_index.shape
     ids = routing.expert_index.reshape(-1)
-    position, source, layout = gm.sort_to_blocks(ids, routing.num_experts, block_size)
+    kept = routing.kept.reshape(-1)  # dropped assignments (e.g. non-finite tokens): no rows
+    position, source, layout = gm.sort_to_blocks(ids, routing.num_experts, block_size, kept)
     # Padded row p holds token source[p] // K; the fill row (index T) is zeros.
     xp = jnp.take(x, source // k, axis=0, mode="fill", fill_value=0)
     yp = expert_ffn_blocks(
@@ -210,7 +212,8 @@ def _dropless(x, routing, params, activation, block_size, impl, interpret):
         impl=impl,
         interpret=interpret,
     )
-    return _combine(yp[position].reshape(t, k, -1), routing.weight, x.dtype)
+    y_assign = jnp.where(kept[:, None], yp[position], 0)
+    return _combine(y_assign.reshape(t, k, -1), routing.weight, x.dtype)
 
 
 def _batched_expert_ffn(xb: Array, params: PyTree, activation: str) -> Array:

@@ -80,7 +80,7 @@ def group_layout(group_sizes: Array, num_rows: int, block_size: int) -> GroupLay
 
 
 def sort_to_blocks(
-    group_ids: Array, num_groups: int, block_size: int
+    group_ids: Array, num_groups: int, block_size: int, valid: Array | None = None
 ) -> tuple[Array, Array, GroupLayout]:
     """Positions of rows in the block-padded layout, grouped by ``group_ids``.
 
@@ -88,6 +88,9 @@ def sort_to_blocks(
       group_ids: int ``[M]`` group of each row, in ``[0, G)``.
       num_groups: G.
       block_size: rows per block.
+      valid: optional bool ``[M]``: rows to place. Invalid rows (padding, dropped
+        assignments) join no group, so no block holds them and the kernels skip the
+        blocks they would have filled; their ``position`` is 0 (mask their outputs).
 
     Returns:
       ``(position, source, layout)``: int32 ``[M]`` padded row of each row; int32
@@ -96,17 +99,21 @@ def sort_to_blocks(
     """
     m = group_ids.shape[0]
     group_ids = group_ids.astype(jnp.int32)
-    sizes = jnp.zeros((num_groups,), jnp.int32).at[group_ids].add(1)
+    if valid is not None:  # invalid rows get the sentinel group G: sorted last, counted nowhere
+        group_ids = jnp.where(valid, group_ids, num_groups)
+    sizes = jnp.zeros((num_groups,), jnp.int32).at[group_ids].add(1, mode="drop")
     layout = group_layout(sizes, m, block_size)
     order = jnp.argsort(group_ids, stable=True)
     sorted_ids = group_ids[order]
+    ids_in_range = jnp.minimum(sorted_ids, num_groups - 1)
     row_start = jnp.cumsum(sizes) - sizes
-    rank = jnp.arange(m, dtype=jnp.int32) - row_start[sorted_ids]
-    pos_sorted = layout.group_start[sorted_ids] * block_size + rank
-    position = jnp.zeros((m,), jnp.int32).at[order].set(pos_sorted)
+    rank = jnp.arange(m, dtype=jnp.int32) - row_start[ids_in_range]
     padded_rows = layout.num_blocks * block_size
-    source = jnp.full((padded_rows,), m, jnp.int32).at[position].set(jnp.arange(m))
-    return position, source, layout
+    pos_sorted = layout.group_start[ids_in_range] * block_size + rank
+    pos_sorted = jnp.where(sorted_ids < num_groups, pos_sorted, padded_rows)  # out of range
+    position = jnp.zeros((m,), jnp.int32).at[order].set(pos_sorted)
+    source = jnp.full((padded_rows,), m, jnp.int32).at[position].set(jnp.arange(m), mode="drop")
+    return jnp.where(position < padded_rows, position, 0), source, layout
 
 
 # --------------------------------------------------------------------------------------

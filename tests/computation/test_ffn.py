@@ -180,6 +180,29 @@ def test_grouped_ffn_expert_fn_seam():
     assert (np.asarray(got[len(ids) :]) == 0).all()
 
 
+def test_grouped_ffn_padding_rows_enter_no_matmul():
+    # An expert-parallel buffer sized for the worst case is mostly padding. Padding rows
+    # join no group: even NaN there leaves values and gradients equal to no padding.
+    rng = np.random.default_rng(8)
+    e, d, f = 3, 8, 12
+    params = make_params(rng, e, d, f)
+    sizes = jnp.asarray([5, 0, 9], jnp.int32)
+    x = jnp.asarray(rng.normal(size=(14, d)), jnp.float32)
+    x_pad = jnp.concatenate([x, jnp.full((50, d), jnp.nan)])
+    fn = F.make_expert_fn("swiglu", block_size=8, impl="xla")
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(fn(p, x, sizes)[:14]))
+
+    want, want_g = jax.value_and_grad(loss, argnums=(0, 1))(params, x)
+    got, got_g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x_pad)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for name in params:
+        np.testing.assert_allclose(got_g[0][name], want_g[0][name], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got_g[1][:14], want_g[1], rtol=1e-5, atol=1e-6)
+    assert (np.asarray(got_g[1][14:]) == 0).all()
+
+
 def test_dense_ffn_matches_numpy():
     rng = np.random.default_rng(6)
     x = jnp.asarray(rng.normal(size=(5, 8)), jnp.float32)

@@ -70,6 +70,26 @@ def test_sort_to_blocks_layout():
         assert (np.diff(pos[ids == e]) > 0).all()
 
 
+def test_sort_to_blocks_skips_invalid_rows():
+    # invalid rows (padding, dropped assignments) take no place in any block
+    rng = np.random.default_rng(1)
+    m, g, bs = 53, 5, 8
+    ids = _ids(rng, m, g, "random")
+    valid = rng.random(m) < 0.6
+    pos, src, layout = gm.sort_to_blocks(jnp.asarray(ids), g, bs, jnp.asarray(valid))
+    want_pos, want_src, want_layout = gm.sort_to_blocks(jnp.asarray(ids[valid]), g, bs)
+    pos, src = np.asarray(pos), np.asarray(src)
+    np.testing.assert_array_equal(np.asarray(layout.group_start), want_layout.group_start)
+    np.testing.assert_array_equal(pos[valid], want_pos)  # the valid rows' own layout
+    assert (pos[~valid] == 0).all()
+    kept_rows = np.flatnonzero(valid)  # src names original rows (m for padding)
+    want = np.where(
+        np.asarray(want_src) < valid.sum(), kept_rows[np.minimum(want_src, valid.sum() - 1)], m
+    )
+    np.testing.assert_array_equal(src[: len(want)], want)
+    assert (src[len(want) :] == m).all()
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty", "one"])
 @pytest.mark.parametrize("transpose", [False, True])
