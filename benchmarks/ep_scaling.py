@@ -42,7 +42,6 @@ os.environ.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off, before j
 
 import argparse
 import json
-import re
 import statistics
 import sys
 import time
@@ -55,7 +54,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks.expert_parallel import _BYTES, _HLO_SHAPE  # noqa: E402
+from benchmarks.expert_parallel import hlo_all_to_alls, nbytes  # noqa: E402
 from benchmarks.train_step import FULL, TINY, active_flops_per_token  # noqa: E402
 from modjax.models import TransformerConfig, TransformerLM  # noqa: E402
 from modjax.sharding import make_mesh  # noqa: E402
@@ -67,7 +66,6 @@ from modjax.train.step import TaskConfig, init_train_state, make_train_step  # n
 PER_DEVICE = {"full": dict(experts=8, batch=32, check_batch=2), "tiny": dict(experts=2, batch=2,
               check_batch=2)}  # fmt: skip
 LOSS_RTOL = {"bfloat16": 2.0**-7, "float32": 1e-4}
-_A2A = re.compile(r"=\s*(\S.*?)\s+all-to-all\(")
 
 
 def _model_config(size: dict, experts: int, args) -> TransformerConfig:
@@ -132,23 +130,6 @@ def _time_steps(state, step, mesh, batch, warmup: int, steps: int):
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     return state, statistics.median(times)
-
-
-def hlo_all_to_alls(hlo: str) -> list[tuple[str, int]]:
-    """``(dtype, elements per device)`` of every all-to-all op of compiled (per-device)
-    HLO; a tuple-shaped all-to-all (one operand per peer, as XLA:CPU lowers a tiled one)
-    counts as one op of all its operands' elements."""
-    out = []
-    for m in _A2A.finditer(hlo):
-        arrays = _HLO_SHAPE.findall(m.group(1))
-        if arrays:
-            sizes = [int(np.prod([int(d) for d in dims.split(",") if d])) for _, dims in arrays]
-            out.append((arrays[0][0], sum(sizes)))
-    return out
-
-
-def _nbytes(dtype: str, elements: int) -> int:
-    return elements * _BYTES.get(dtype, 8 if dtype.endswith("64") else 4)
 
 
 def time_all_to_alls(ops: list[tuple[str, int]], mesh, repeats: int) -> float:
@@ -224,7 +205,7 @@ def measure(n: int, args, size: dict, per: dict) -> dict:
         tokens_per_s_per_device=batch * seq / step_s / n,
         mfu=flops_step / step_s / (args.peak_tflops * 1e12 * n),
         all_to_alls=len(ops),
-        a2a_mib_per_device=sum(_nbytes(d, e) for d, e in ops) / 2**20,
+        a2a_mib_per_device=sum(nbytes(d, e) for d, e in ops) / 2**20,
         a2a_ms=a2a_s * 1e3, a2a_share=a2a_s / step_s,
     )  # fmt: skip
 

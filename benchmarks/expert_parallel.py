@@ -51,7 +51,9 @@ from modjax.parallel.expert_parallel import token_axes
 from modjax.routing.types import Routing
 from modjax.sharding import make_mesh
 
-_HLO_A2A = re.compile(r"^\s*%?all-to-all[.\w]* = (.*?) all-to-all\(", re.MULTILINE)
+# An all-to-all in compiled HLO: synchronous ``= SHAPE all-to-all(`` (XLA:CPU; also the
+# body of an async-wrapped one) or GPU's async ``= ((OPERANDS), RESULTS) all-to-all-start(``.
+_HLO_A2A = re.compile(r"=\s*(\S.*?)\s+all-to-all(-start)?\(")
 _HLO_SHAPE = re.compile(r"(pred|s8|u8|s16|u16|bf16|f16|s32|u32|f32|s64|f64)\[([\d,]*)\]")
 _BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2}
 
@@ -64,15 +66,33 @@ def _parse_mesh(text: str) -> dict[str, int]:
     return sizes
 
 
+def hlo_all_to_alls(hlo: str) -> list[tuple[str, int]]:
+    """``(dtype, elements per device)`` of every all-to-all of compiled (per-device) HLO.
+
+    A tuple-shaped all-to-all (one operand per peer, as XLA:CPU lowers a tiled one) is
+    one op of all its elements; an async ``all-to-all-start`` (GPU) counts its operands
+    only (its shape also holds the equal-sized results, and scalar context).
+    """
+    out = []
+    for m in _HLO_A2A.finditer(hlo):
+        arrays = [(t, d) for t, d in _HLO_SHAPE.findall(m.group(1)) if d]
+        if m.group(2):  # -start: operands then results, equal in size
+            arrays = arrays[: len(arrays) // 2]
+        if arrays:
+            sizes = [math.prod(int(x) for x in dims.split(",")) for _, dims in arrays]
+            out.append((arrays[0][0], sum(sizes)))
+    return out
+
+
+def nbytes(dtype: str, elements: int) -> int:
+    """Bytes of ``elements`` of an HLO element type (``bf16``, ``f32``, ...)."""
+    return elements * _BYTES.get(dtype, 8 if dtype.endswith("64") else 4)
+
+
 def _hlo_all_to_all_bytes(hlo: str) -> tuple[int, int]:
     """(count, bytes of results) of the all-to-all ops in compiled (per-device) HLO."""
-    count, total = 0, 0
-    for m in _HLO_A2A.finditer(hlo):
-        count += 1
-        for dtype, dims in _HLO_SHAPE.findall(m.group(1)):
-            n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
-            total += n * _BYTES.get(dtype, 8 if dtype.endswith("64") else 4)
-    return count, total
+    ops = hlo_all_to_alls(hlo)
+    return len(ops), sum(nbytes(t, n) for t, n in ops)
 
 
 def _timeit(fn, *args, repeats: int) -> float:

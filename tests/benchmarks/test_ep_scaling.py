@@ -39,3 +39,16 @@ def test_ep_scaling_tiny_runs(tmp_path):
         assert r["loss_ok"], r
         assert r["loss_max_abs_diff"] <= r["loss_tol"] < 1e-2
     assert rows[0]["efficiency"] == 1.0
+
+
+def test_hlo_all_to_alls_reads_cpu_and_gpu_forms():
+    from benchmarks.expert_parallel import hlo_all_to_alls
+
+    hlo = """
+  %all-to-all.3 = (bf16[1,64,16]{2,1,0}, bf16[1,64,16]{2,1,0}) all-to-all(bf16[1,64,16]{2,1,0} %a, bf16[1,64,16]{2,1,0} %b), replica_groups={{0,1}}
+  %all-to-all-start = ((bf16[2,512,768]{2,1,0}), bf16[2,512,768]{2,1,0}, u32[], u32[]) all-to-all-start(bf16[2,512,768]{2,1,0} %x), replica_groups={{0,1}}
+  %all-to-all-done = bf16[2,512,768]{2,1,0} all-to-all-done(((bf16[2,512,768]{2,1,0}), bf16[2,512,768]{2,1,0}, u32[], u32[]) %all-to-all-start)
+  ROOT %all-to-all.7 = s32[2,8]{1,0} all-to-all(s32[2,8]{1,0} %c), dimensions={0}
+  %all-reduce = f32[4]{0} all-reduce(f32[4]{0} %d)
+"""  # noqa: E501
+    assert hlo_all_to_alls(hlo) == [("bf16", 2 * 64 * 16), ("bf16", 2 * 512 * 768), ("s32", 16)]
