@@ -19,6 +19,7 @@ paper's MFU). Peak defaults to 785 TFLOP/s bf16 per H200 (``--peak_tflops``).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -71,6 +72,7 @@ def main(argv=None) -> dict:
     p.add_argument("--dtype", default=None, help="compute dtype (bfloat16; float32 tiny)")
     p.add_argument("--strategy", default="dropless", help="MoE dispatch strategy")
     p.add_argument("--every", type=int, default=2, help="every n-th block is MoE")
+    p.add_argument("--attention_impl", default="auto", help="auto, xla or cudnn")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--data", type=int, default=-1)
@@ -79,7 +81,19 @@ def main(argv=None) -> dict:
     p.add_argument("--tensor", type=int, default=1)
     p.add_argument("--peak_tflops", type=float, default=785.0, help="per device, bf16")
     p.add_argument("--out", default="", help="append the result as a JSON line here")
+    p.add_argument("--profile", default="", help="write a profiler trace of 3 steps here")
+    p.add_argument(
+        "--watchdog",
+        type=float,
+        default=0,
+        help="dump every thread's Python stack after this many seconds (0: off)",
+    )
     args = p.parse_args(argv)
+    if args.watchdog > 0:  # a run that overstays its budget says where it is
+        faulthandler.dump_traceback_later(args.watchdog, exit=False)
+    t_start = time.perf_counter()
+    log = lambda what: print(f"[train_step {time.perf_counter() - t_start:7.1f}s] {what}",
+                             file=sys.stderr, flush=True)  # fmt: skip
     defaults = TINY if args.tiny else FULL
     size = {k: defaults[k] if getattr(args, k) is None else getattr(args, k) for k in FULL}
     dtype = args.dtype or ("float32" if args.tiny else "bfloat16")
@@ -89,7 +103,7 @@ def main(argv=None) -> dict:
         num_heads=size["heads"], d_ff=size["d_ff"], ffn="moe", sparse_placement="every",
         sparse_every=args.every,
         sparse_kwargs=dict(num_experts=size["experts"], k=size["k"], strategy=args.strategy),
-        dtype=dtype, param_dtype="float32",
+        attention_impl=args.attention_impl, dtype=dtype, param_dtype="float32",
     )  # fmt: skip
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, expert=args.expert, tensor=args.tensor)
     opt = OptimizerConfig(learning_rate=1e-4, warmup_steps=10)
@@ -100,9 +114,12 @@ def main(argv=None) -> dict:
         return make_optimizer(opt, holder["labels"])
 
     model_fn = lambda: TransformerLM(cfg, rngs=nnx.Rngs(0))
+    log(f"devices {jax.devices()}; initialising")
     graphdef, state, tx, shardings = init_train_state(model_fn, tx_fn, mesh)
-    task = TaskConfig(name="lm", target_key="", aux_loss_weights={"load_balancing": 0.01,
-                                                                   "z_loss": 0.001})  # fmt: skip
+    log("initialised; compiling the step")
+    has_moe = args.every <= size["layers"]  # --every above --layers: an all-dense baseline
+    weights = {"load_balancing": 0.01, "z_loss": 0.001} if has_moe else {}
+    task = TaskConfig(name="lm", target_key="", aux_loss_weights=weights)
     step_fn = make_train_step(graphdef, tx, task, labels=holder["labels"], bias_mask={})
     step = jax.jit(step_fn, donate_argnums=0, out_shardings=(shardings, None))
 
@@ -112,9 +129,13 @@ def main(argv=None) -> dict:
     with jax.set_mesh(mesh):
         batch = global_batch(batch_np, mesh)
         t0 = time.perf_counter()
-        state, m = step(state, batch)
-        jax.block_until_ready(m["loss"])
+        compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
+        log(f"compiled in {compile_s:.1f}s; first step")
+        state, m = compiled(state, batch)
+        jax.block_until_ready(m["loss"])
+        log(f"first step done, loss {float(m['loss']):.4f}; timing {args.steps} steps")
+        step = compiled
         for _ in range(args.warmup):
             state, m = step(state, batch)
         jax.block_until_ready(state.params)
@@ -123,6 +144,14 @@ def main(argv=None) -> dict:
             state, m = step(state, batch)
         jax.block_until_ready(state.params)
         step_s = (time.perf_counter() - t0) / args.steps
+        if args.profile:  # a trace of 3 steps, for TensorBoard's or xprof's profile viewer
+            jax.profiler.start_trace(args.profile)
+            for _ in range(3):
+                state, m = step(state, batch)
+            jax.block_until_ready(state.params)
+            jax.profiler.stop_trace()
+    faulthandler.cancel_dump_traceback_later()
+    log(f"{step_s * 1e3:.1f} ms/step")
 
     abstract = nnx.eval_shape(model_fn)
     active, total, flops_param, attn = active_flops_per_token(abstract)
@@ -144,7 +173,12 @@ def main(argv=None) -> dict:
         "tflops_per_s_per_device": flops_step / step_s / n_dev / 1e12,
         "mfu": flops_step / step_s / (args.peak_tflops * 1e12 * n_dev),
         "final_loss": float(m["loss"]),
-        "config": {**size, "strategy": args.strategy, "every": args.every},
+        "config": {
+            **size,
+            "strategy": args.strategy,
+            "every": args.every,
+            "attention_impl": args.attention_impl,
+        },
     }
     print(json.dumps(result, indent=2))
     if args.out:
