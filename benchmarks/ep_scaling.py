@@ -73,7 +73,8 @@ def _model_config(size: dict, experts: int, args) -> TransformerConfig:
         vocab_size=size["vocab"], d_model=size["d_model"], num_layers=size["layers"],
         num_heads=size["heads"], d_ff=size["d_ff"], ffn="moe", sparse_placement="every",
         sparse_every=args.every,
-        sparse_kwargs=dict(num_experts=experts, k=size["k"], strategy="dropless"),
+        sparse_kwargs=dict(num_experts=experts, k=size["k"], strategy="dropless",
+                           ep_capacity_factor=args.ep_capacity_factor),
         dtype=args.dtype, param_dtype="float32",
     )  # fmt: skip
 
@@ -193,6 +194,12 @@ def measure(n: int, args, size: dict, per: dict) -> dict:
     if check_batch == batch:  # the loss-check steps share the compiled step, and warm it
         state, losses_n = _run_losses(state, step, mesh, check)
     state, step_s = _time_steps(state, step, mesh, timing_batch, args.warmup, args.steps)
+    if args.profile and n == max(
+        int(c) for c in args.devices.split(",") if int(c) <= jax.device_count()
+    ):
+        jax.profiler.start_trace(args.profile)
+        state, _ = _time_steps(state, step, mesh, timing_batch, 0, 3)
+        jax.profiler.stop_trace()
     del state
     ops = hlo_all_to_alls(hlo)
     a2a_s = time_all_to_alls(ops, mesh, args.steps)
@@ -254,6 +261,19 @@ def main(argv=None) -> list[dict]:
         p.add_argument(f"--{k}", type=int, default=None, help=f"default {FULL[k]}")
     p.add_argument("--every", type=int, default=2, help="every n-th block is MoE")
     p.add_argument("--dtype", default=None, help="bfloat16 (default) or float32 (tiny default)")
+    p.add_argument(
+        "--ep_capacity_factor",
+        type=float,
+        default=None,
+        help="all-to-all buffer per destination, in multiples of the balanced "
+        "share (default: dropless worst case; overflow is counted)",
+    )
+    p.add_argument(
+        "--profile",
+        default="",
+        help="write a profiler trace of 3 steps at the "
+        "largest device count here (read it with benchmarks/trace_summary.py)",
+    )
     p.add_argument("--steps", type=int, default=10, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--loss_steps", type=int, default=20)
