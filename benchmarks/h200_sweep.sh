@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# One device call of H200 measurements for issues 4, 5 and 7, logs and traces under $OUT,
+# a short summary printed last. Fits the device tool's 10-minute call on nvidia-h200
+# (~6 min) or nvidia-h200-x2 (~7 min: the GPU tests run beside the train steps, and the
+# expert-parallel scaling runs on both GPUs).
+#
+#   bash benchmarks/h200_sweep.sh                  # OUT defaults to /tmp/h200_sweep
+#
+# 1. train_step.py (~117M active, bf16, batch 32 x 1024): the default (cuDNN attention
+#    through attention_impl="auto") with a profiler trace, an all-dense baseline of the
+#    same width (--every 1000: no MoE block), and batch 64.
+# 2. the GPU correctness checks (bf16/TF32 tolerances): Pallas kernels, MoE layer, cuDNN
+#    attention.
+# 3. with 2+ GPUs: ep_scaling.py at 1 and 2 GPUs (dropless, with a trace), then 2 GPUs
+#    with --ep_capacity_factor 2.0 against the same 1-GPU rate.
+set -u
+OUT=${OUT:-/tmp/h200_sweep}
+mkdir -p "$OUT"
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true --xla_gpu_enable_triton_gemm=false"
+export NCCL_NVLS_ENABLE=0
+unset JAX_PLATFORMS  # host_init (the GPU default) needs the CPU backend beside CUDA
+NGPU=$(nvidia-smi -L | wc -l)
+{ nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
+  date -u; } > "$OUT/env.txt" 2>&1
+
+ts() {  # ts GPU TIMEOUT ARGS...
+  local gpu=$1 limit=$2
+  shift 2
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$limit" python3 benchmarks/train_step.py --steps 20 \
+    --watchdog $((limit - 5)) --out "$OUT/train_step.jsonl" ${TS_EXTRA:-} "$@"
+}
+gpu_tests() {
+  CUDA_VISIBLE_DEVICES=$1 MODJAX_GPU_TESTS=1 JAX_PLATFORMS=cuda timeout 200 python3 -m pytest \
+    -q -p no:cacheprovider tests/kernels tests/layers/test_moe.py \
+    "tests/models/test_models.py::test_attention_auto_is_cudnn_on_gpu_and_matches_xla_bf16"
+}
+
+(
+  ts 0 90 --profile "$OUT/prof_train_step" > "$OUT/ts_default.log" 2>&1
+  ts 0 80 --every 1000 > "$OUT/ts_dense.log" 2>&1
+  ts 0 90 --batch 64 > "$OUT/ts_b64.log" 2>&1
+) &
+if [[ $NGPU -ge 2 ]]; then gpu_tests 1 > "$OUT/gpu_tests.log" 2>&1 & fi
+wait
+if [[ $NGPU -lt 2 ]]; then gpu_tests 0 > "$OUT/gpu_tests.log" 2>&1; fi
+
+if [[ $NGPU -ge 2 ]]; then
+  timeout 200 python3 benchmarks/ep_scaling.py --devices 1,2 --profile "$OUT/prof_ep" \
+    --out "$OUT/ep_dropless.json" > "$OUT/ep_dropless.log" 2>&1
+  base=$(python3 -c "import json; print(json.load(open('$OUT/ep_dropless.json'))['rows'][0]['tokens_per_s_per_device'])" 2>/dev/null)
+  if [[ -n "$base" ]]; then
+    timeout 120 python3 benchmarks/ep_scaling.py --devices 2 --ep_capacity_factor 2.0 \
+      --baseline "$base" --out "$OUT/ep_cf2.json" > "$OUT/ep_cf2.log" 2>&1
+  fi
+fi
+
+echo "== environment"; cat "$OUT/env.txt"
+echo "== errors"; grep -l -E "Error|Traceback" "$OUT"/*.log 2>/dev/null
+echo "== GPU tests"; tail -1 "$OUT/gpu_tests.log"
+[[ -d "$OUT/prof_train_step" ]] && python3 benchmarks/trace_summary.py "$OUT/prof_train_step" \
+  --steps 3 --top 25 > "$OUT/trace_train_step.md" 2>&1 && head -22 "$OUT/trace_train_step.md"
+[[ -d "$OUT/prof_ep" ]] && python3 benchmarks/trace_summary.py "$OUT/prof_ep" --steps 3 \
+  --top 25 > "$OUT/trace_ep.md" 2>&1 && head -22 "$OUT/trace_ep.md"
+find "$OUT" -name "*.xplane.pb" -delete  # the .trace.json.gz stays (smaller)
+for f in "$OUT"/ep_*.log; do [[ -f $f ]] && { echo "== $f"; grep "^|" "$f"; }; done
+echo "== train_step"
+python3 - "$OUT/train_step.jsonl" <<'EOF'
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    c = r["config"]
+    print(f"every={c['every']} batch={r['batch']} attention={c['attention_impl']}: "
+          f"{r['step_ms']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']:.1%}, "
+          f"compile {r['compile_s']:.0f} s, loss {r['final_loss']:.3f}")
+EOF
