@@ -103,7 +103,8 @@ def build(method, t, k, e, dtype):
         routing = make_routing(logits, k)
         if method == "ragged_dot":
             return ragged_dot_moe(x, routing, params)
-        return ffn_lib.moe_ffn(x, routing, params, strategy=method)
+        strategy, _, impl = method.partition(":")  # "dropless:xla" forces an impl
+        return ffn_lib.moe_ffn(x, routing, params, strategy=strategy, impl=impl or "auto")
 
     def loss(x, logits, params):
         return jnp.sum(fwd(x, logits, params).astype(jnp.float32) ** 2)
@@ -203,7 +204,9 @@ def main():
     p.add_argument("--only", help="comma-separated preset shape names to run")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on gpu, float32 else")
     p.add_argument(
-        "--methods", default="dense,einsum,capacity,ragged_dot,dropless", help="comma list"
+        "--methods",
+        default="dense,einsum,capacity,ragged_dot,dropless",
+        help="comma list; dropless:IMPL forces a grouped-matmul impl (e.g. dropless:xla)",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")
