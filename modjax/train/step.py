@@ -7,6 +7,7 @@ the non-finite policy (skip the update and count it; or flag it so the loop stop
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -271,6 +272,13 @@ def split_model(model: nnx.Module):
     return nnx.split(model, nnx.Param, ...)
 
 
+def _has_cpu_backend() -> bool:
+    try:
+        return bool(jax.devices("cpu"))
+    except RuntimeError:
+        return False
+
+
 def init_train_state(
     model_fn: Callable[[], nnx.Module],
     tx_fn: Callable[[nnx.State], optax.GradientTransformation],
@@ -287,12 +295,13 @@ def init_train_state(
       rules: logical axis rules.
       host_init: run that jit on the host CPU and copy the values onto ``mesh``
         (``True``), or run it on the mesh with sharded outputs so parameters are born
-        sharded (``False``). ``None``: host on GPU meshes of one process, mesh
-        otherwise. XLA:GPU compiles one large initialisation graph in time superlinear
-        in its size (the 12-layer LM of ``benchmarks/train_step.py``: 6 s at 2 layers,
-        17 s at 4, over 170 s at 12 on an H200, jax 0.11.2) while XLA:CPU takes ~11 s
-        for all 12; host init also gives the same initial values on every backend.
-        It needs the host to hold the full model once.
+        sharded (``False``). ``None``: host on GPU meshes of one process when jax's CPU
+        backend is loaded (a warning when it is not), mesh otherwise. XLA:GPU compiles
+        one large initialisation graph in time superlinear in its size (the 12-layer LM
+        of ``benchmarks/train_step.py``: 6 s at 2 layers, 17 s at 4, over 170 s at 12 on
+        an H200, jax 0.11.2) while XLA:CPU takes ~11 s for all 12; host init also gives
+        the same initial values on every backend. It needs the host to hold the full
+        model once.
 
     Returns:
       ``(graphdef, state, tx, shardings)`` where ``shardings`` is the TrainState of
@@ -314,20 +323,26 @@ def init_train_state(
 
     platform = mesh.devices.flat[0].platform
     if host_init is None:
-        host_init = platform == "gpu" and jax.process_count() == 1
+        host_init = platform == "gpu" and jax.process_count() == 1 and _has_cpu_backend()
+        if platform == "gpu" and jax.process_count() == 1 and not host_init:
+            warnings.warn(
+                "init_train_state: initialising on the GPU because jax's CPU backend is not "
+                f"loaded (JAX_PLATFORMS={jax.config.jax_platforms!r}); XLA:GPU compiles a "
+                "large init slowly (minutes for a 12-layer LM). Add 'cpu' to JAX_PLATFORMS "
+                "(e.g. 'cuda,cpu') to initialise on the host.",
+                stacklevel=2,
+            )
     if host_init:
         if jax.process_count() > 1:
             raise ValueError("host_init=True needs a single-process run; got "
                              f"jax.process_count()={jax.process_count()}")  # fmt: skip
-        try:
-            cpu = jax.devices("cpu")[0]
-        except RuntimeError as e:
+        if not _has_cpu_backend():
             raise RuntimeError(
-                "host_init needs jax's CPU backend next to the accelerator; include it in "
-                f"JAX_PLATFORMS (e.g. 'cuda,cpu'; now {jax.config.jax_platforms!r}) or pass "
-                "host_init=False"
-            ) from e
-        with jax.default_device(cpu):
+                "host_init=True needs jax's CPU backend next to the accelerator; include it "
+                f"in JAX_PLATFORMS (e.g. 'cuda,cpu'; now {jax.config.jax_platforms!r}) or "
+                "pass host_init=False"
+            )
+        with jax.default_device(jax.devices("cpu")[0]):
             host_params, host_rest = jax.jit(init, static_argnums=0)(False)
         params = jax.device_put(host_params, param_sh)
         rest = jax.device_put(host_rest, rest_sh)

@@ -140,3 +140,14 @@ def test_host_init_equals_mesh_init_values_and_shardings():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
         expert_axis += "expert" in str(a.sharding.spec)
     assert expert_axis > 0  # the check covered expert-sharded weights
+
+
+def test_host_init_without_cpu_backend_says_how_to_fix(monkeypatch):
+    import modjax.train.step as step_mod
+
+    monkeypatch.setattr(step_mod, "_has_cpu_backend", lambda: False)
+    cfg = MLPConfig(in_features=4, num_classes=2, d_model=8, d_ff=8, num_layers=1)
+    opt = OptimizerConfig(learning_rate=1e-2)
+    tx_fn = lambda p: make_optimizer(opt, param_labels(p, opt))
+    with pytest.raises(RuntimeError, match="JAX_PLATFORMS.*host_init=False"):
+        init_train_state(lambda: MLP(cfg, rngs=nnx.Rngs(0)), tx_fn, make_mesh(), host_init=True)
