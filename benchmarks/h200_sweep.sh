@@ -8,7 +8,8 @@
 #
 # 1. train_step.py (~117M active, bf16, batch 32 x 1024): the default (cuDNN attention
 #    through attention_impl="auto") with a profiler trace, an all-dense baseline of the
-#    same width (--every 1000: no MoE block), and batch 64.
+#    same width (--every 1000: no MoE block), batch 64, and (with 2 GPUs) the capacity
+#    strategy (batched cuBLAS einsums instead of the grouped Pallas kernels).
 # 2. the GPU correctness checks (bf16/TF32 tolerances): Pallas kernels, MoE layer, cuDNN
 #    attention.
 # 3. with 2+ GPUs: ep_scaling.py at 1 and 2 GPUs (dropless, with a trace), then 2 GPUs
@@ -42,16 +43,19 @@ gpu_tests() {
   ts 0 80 --every 1000 > "$OUT/ts_dense.log" 2>&1
   ts 0 90 --batch 64 > "$OUT/ts_b64.log" 2>&1
 ) &
-if [[ $NGPU -ge 2 ]]; then gpu_tests 1 > "$OUT/gpu_tests.log" 2>&1 & fi
+if [[ $NGPU -ge 2 ]]; then
+  ( gpu_tests 1 > "$OUT/gpu_tests.log" 2>&1
+    ts 1 80 --strategy capacity > "$OUT/ts_capacity.log" 2>&1 ) &
+fi
 wait
 if [[ $NGPU -lt 2 ]]; then gpu_tests 0 > "$OUT/gpu_tests.log" 2>&1; fi
 
 if [[ $NGPU -ge 2 ]]; then
-  timeout 200 python3 benchmarks/ep_scaling.py --devices 1,2 --profile "$OUT/prof_ep" \
+  timeout 180 python3 benchmarks/ep_scaling.py --devices 1,2 --profile "$OUT/prof_ep" \
     --out "$OUT/ep_dropless.json" > "$OUT/ep_dropless.log" 2>&1
   base=$(python3 -c "import json; print(json.load(open('$OUT/ep_dropless.json'))['rows'][0]['tokens_per_s_per_device'])" 2>/dev/null)
   if [[ -n "$base" ]]; then
-    timeout 120 python3 benchmarks/ep_scaling.py --devices 2 --ep_capacity_factor 1.25 \
+    timeout 90 python3 benchmarks/ep_scaling.py --devices 2 --ep_capacity_factor 1.25 \
       --baseline "$base" --out "$OUT/ep_cf125.json" > "$OUT/ep_cf125.log" 2>&1
   fi
 fi
@@ -71,7 +75,8 @@ import json, sys
 for line in open(sys.argv[1]):
     r = json.loads(line)
     c = r["config"]
-    print(f"every={c['every']} batch={r['batch']} attention={c['attention_impl']}: "
+    print(f"every={c['every']} batch={r['batch']} strategy={c['strategy']} "
+          f"attention={c['attention_impl']}: "
           f"{r['step_ms']:.1f} ms/step, {r['tokens_per_s']:.0f} tokens/s, MFU {r['mfu']:.1%}, "
           f"compile {r['compile_s']:.0f} s, loss {r['final_loss']:.3f}")
 EOF
