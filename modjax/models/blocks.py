@@ -260,25 +260,35 @@ class Attention(nnx.Module):
 ATTENTION_IMPLS = ("auto", None, "xla", "cudnn")
 
 
+def _on_cuda() -> bool:
+    """Whether the default backend is an NVIDIA GPU (not ROCm): where cuDNN can run."""
+    if jax.default_backend() != "gpu":
+        return False
+    try:
+        return "cuda" in jax.devices()[0].client.platform_version.lower()
+    except AttributeError:  # a client without a version string: assume CUDA
+        return True
+
+
 def attention(q: Array, k: Array, v: Array, *, causal: bool, implementation: str | None = "auto"):
     """``jax.nn.dot_product_attention`` over ``[B, T, heads, head_dim]`` with a fast default.
 
     ``implementation``: ``"xla"``, ``"cudnn"`` (fused flash attention; fails where cuDNN
     does not support the shape or dtype), ``None`` (jax's own choice: XLA today) or
-    ``"auto"``: cuDNN when the arrays live on a GPU and jax accepts the call (bf16 or
-    fp16, a supported head dim and length: it checks at trace time and raises
-    ``NotImplementedError`` otherwise), XLA in every other case. On the H200 the 12-layer
+    ``"auto"``: cuDNN on an NVIDIA GPU when jax accepts the call (bf16 or fp16, a
+    supported head dim and length, cuDNN present: it checks at trace time and raises
+    otherwise), XLA in every other case. On the H200 the 12-layer
     LM of ``benchmarks/train_step.py`` steps 1.6 times faster with cuDNN (RESULTS.md).
     """
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"implementation must be one of {ATTENTION_IMPLS}, got {implementation!r}")
     if implementation == "auto":
         implementation = "xla"
-        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        if _on_cuda() and q.dtype in (jnp.bfloat16, jnp.float16):
             try:
                 return jax.nn.dot_product_attention(q, k, v, is_causal=causal,
                                                     implementation="cudnn")  # fmt: skip
-            except NotImplementedError:  # a shape or dtype cuDNN's kernels do not take
+            except (NotImplementedError, RuntimeError):  # unsupported shape, or no cuDNN
                 pass
     return jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=implementation)
 
