@@ -15,6 +15,9 @@
 # 3. with 2+ GPUs: ep_scaling.py at 1 and 2 GPUs (dropless, with a trace), then 2 GPUs
 #    with --ep_capacity_factor 1.25 against the same 1-GPU rate (at 2 GPUs a factor of
 #    2.0 is the dropless worst case: ceil(2.0 * B / 2) = B).
+#
+#   SWEEP=moe bash benchmarks/h200_sweep.sh       # issue 4 instead (<9 min): the MoE layer
+#     table of the issue's three shapes, then Pallas tile variants on the OLMoE-like shape
 set -u
 OUT=${OUT:-/tmp/h200_sweep}
 mkdir -p "$OUT"
@@ -25,6 +28,19 @@ NGPU=$(nvidia-smi -L | wc -l)
 { nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__)"
   date -u; } > "$OUT/env.txt" 2>&1
+
+if [[ "${SWEEP:-train}" == moe ]]; then
+  timeout 300 python3 benchmarks/moe_layer.py --preset gpu --iters 10 --out "$OUT/moe_layer.md" \
+    > "$OUT/moe_layer.log" 2>&1
+  for tiles in bk=64,bn=128 bk=128,bn=128 bk=128,bn=256,num_warps=4 t_bk=64,t_bn=256; do
+    echo "== tiles $tiles" >> "$OUT/tiles.log"
+    timeout 60 python3 benchmarks/moe_layer.py --preset gpu --only olmoe --methods dense,dropless \
+      --iters 10 --tiles "$tiles" 2>&1 | grep -E "^\| (dense|dropless) " >> "$OUT/tiles.log"
+  done
+  cat "$OUT/env.txt"; grep -E "^###|^\| (dense|dropless|einsum|capacity|ragged)" "$OUT/moe_layer.log"
+  cat "$OUT/tiles.log"
+  exit 0
+fi
 
 ts() {  # ts GPU TIMEOUT ARGS...
   local gpu=$1 limit=$2
