@@ -148,7 +148,7 @@ def grouped_ffn(
     # Padding rows join no group: the kernels skip their blocks (an expert-parallel
     # buffer sized for the worst case is mostly padding; none of it is multiplied).
     position, source, layout = gm.sort_to_blocks(ids, num_experts, block_size, valid=valid)
-    xp = jnp.take(x, source, axis=0, mode="fill", fill_value=0)
+    xp = gm.to_blocks(x, source, position, valid)
     yp = expert_ffn_blocks(
         xp,
         params,
@@ -158,7 +158,7 @@ def grouped_ffn(
         impl=impl,
         interpret=interpret,
     )
-    return jnp.where(valid[:, None], yp[position], 0).astype(x.dtype)
+    return gm.from_blocks(yp, position, source, valid).astype(x.dtype)
 
 
 def make_expert_fn(
@@ -201,8 +201,9 @@ def _dropless(x, routing, params, activation, block_size, impl, interpret):
     ids = routing.expert_index.reshape(-1)
     kept = routing.kept.reshape(-1)  # dropped assignments (e.g. non-finite tokens): no rows
     position, source, layout = gm.sort_to_blocks(ids, routing.num_experts, block_size, kept)
-    # Padded row p holds token source[p] // K; the fill row (index T) is zeros.
-    xp = jnp.take(x, source // k, axis=0, mode="fill", fill_value=0)
+    # Padded row p holds token source[p] // K (zeros for padding); both moves have
+    # gather-only gradients (no scatter-adds).
+    xp = gm.to_blocks(x, source, position, kept, k)
     yp = expert_ffn_blocks(
         xp,
         params,
@@ -212,7 +213,7 @@ def _dropless(x, routing, params, activation, block_size, impl, interpret):
         impl=impl,
         interpret=interpret,
     )
-    y_assign = jnp.where(kept[:, None], yp[position], 0)
+    y_assign = gm.from_blocks(yp, position, source, kept)
     return _combine(y_assign.reshape(t, k, -1), routing.weight, x.dtype)
 
 

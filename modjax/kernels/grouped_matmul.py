@@ -27,6 +27,7 @@ operand dtype.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -114,6 +115,113 @@ def sort_to_blocks(
     position = jnp.zeros((m,), jnp.int32).at[order].set(pos_sorted)
     source = jnp.full((padded_rows,), m, jnp.int32).at[position].set(jnp.arange(m), mode="drop")
     return jnp.where(position < padded_rows, position, 0), source, layout
+
+
+# --------------------------------------------------------------------------------------
+# moving rows into and out of the block-padded layout, with gather-only gradients
+#
+# ``position`` and ``source`` of :func:`sort_to_blocks` are inverse maps, so the gradient
+# of each gather below is another gather. Written as plain ``jnp.take`` the gradients
+# would be scatter-adds, which GPUs run with atomics (emulated for bf16). The plain
+# forms are the reference twins (``to_blocks_reference``, ``from_blocks_reference``).
+
+
+def to_blocks_reference(x, source, position, valid, k: int):
+    """``xp[p] = x[source[p] // k]`` (zero where ``source[p]`` is padding)."""
+    del position, valid
+    return jnp.take(x, source // k, axis=0, mode="fill", fill_value=0)
+
+
+def from_blocks_reference(yp, position, source, valid):
+    """``y[i] = yp[position[i]]`` where ``valid[i]``, else zero."""
+    del source
+    return jnp.where(valid[:, None], jnp.take(yp, position, axis=0), 0).astype(yp.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _to_blocks(x, source, position, valid, k):
+    return to_blocks_reference(x, source, position, valid, k)
+
+
+def _to_blocks_fwd(x, source, position, valid, k):
+    return _to_blocks(x, source, position, valid, k), (position, valid)
+
+
+def _to_blocks_bwd(k, res, g):
+    position, valid = res
+    rows = jnp.where(valid[:, None], jnp.take(g, position, axis=0), 0)  # [T*k, D]
+    dx = rows.reshape(-1, k, g.shape[1]).sum(axis=1, dtype=jnp.float32).astype(g.dtype)
+    return dx, None, None, None
+
+
+_to_blocks.defvjp(_to_blocks_fwd, _to_blocks_bwd)
+
+
+@jax.custom_vjp
+def _from_blocks(yp, position, source, valid):
+    return from_blocks_reference(yp, position, source, valid)
+
+
+def _from_blocks_fwd(yp, position, source, valid):
+    return _from_blocks(yp, position, source, valid), (position, source, valid)
+
+
+def _from_blocks_bwd(res, g):
+    _, source, _ = res
+    return jnp.take(g, source, axis=0, mode="fill", fill_value=0), None, None, None
+
+
+_from_blocks.defvjp(_from_blocks_fwd, _from_blocks_bwd)
+
+
+@jax.custom_vjp
+def _permute_rows(x, perm, inverse):
+    return jnp.take(x, perm, axis=0)
+
+
+def _permute_rows_fwd(x, perm, inverse):
+    return _permute_rows(x, perm, inverse), inverse
+
+
+def _permute_rows_bwd(inverse, g):
+    return jnp.take(g, inverse, axis=0), None, None
+
+
+_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+
+
+def permute_rows(x: Array, perm: Array, inverse: Array | None = None) -> Array:
+    """``x[perm]`` for a permutation ``perm`` of the rows, with a gather for gradient
+    (``x[perm]``'s plain gradient is a scatter-add). ``inverse``: ``argsort(perm)``,
+    computed here when not given."""
+    if perm.shape != (x.shape[0],):
+        raise ValueError(f"perm must be a permutation of x's {x.shape[0]} rows, got {perm.shape}")
+    if inverse is None:
+        inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
+    return _permute_rows(x, perm, inverse)
+
+
+def to_blocks(x: Array, source: Array, position: Array, valid: Array, k: int = 1) -> Array:
+    """Rows of ``x [T, D]`` into the block-padded layout ``[P, D]`` of ``sort_to_blocks``.
+
+    Row ``i`` of the layout's input (``i`` in ``[0, T*k)``, ``k`` assignments per row of
+    ``x``) is ``x[i // k]``; ``valid [T*k]`` marks the rows that were placed. Padding rows
+    are zero. The gradient is a gather (each x row sums its k placed copies).
+    """
+    if position.shape != (x.shape[0] * k,) or valid.shape != position.shape:
+        raise ValueError(
+            f"position {position.shape} and valid {valid.shape} must be [T*k] = "
+            f"[{x.shape[0] * k}] for x {x.shape}, k={k}"
+        )
+    return _to_blocks(x, source, position, valid, k)
+
+
+def from_blocks(yp: Array, position: Array, source: Array, valid: Array) -> Array:
+    """Rows ``[M, D]`` back out of the block-padded layout ``yp [P, D]``: row ``i`` is
+    ``yp[position[i]]`` where ``valid[i]``, else zero. The gradient is a gather."""
+    if source.shape != (yp.shape[0],):
+        raise ValueError(f"source {source.shape} must be [P] = [{yp.shape[0]}]")
+    return _from_blocks(yp, position, source, valid)
 
 
 # --------------------------------------------------------------------------------------

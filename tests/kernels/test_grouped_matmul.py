@@ -90,6 +90,53 @@ def test_sort_to_blocks_skips_invalid_rows():
     assert (src[len(want) :] == m).all()
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_block_moves_match_plain_take_values_and_grads(k):
+    # to_blocks / from_blocks (gather-only gradients) against plain jnp.take
+    rng = np.random.default_rng(10 + k)
+    t, d, g, bs = 29, 6, 5, 8
+    ids = jnp.asarray(_ids(rng, t * k, g, "random"))
+    valid = jnp.asarray(rng.random(t * k) < 0.75)  # dropped assignments place no row
+    pos, src, _ = gm.sort_to_blocks(ids, g, bs, valid)
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    scale = jnp.asarray(rng.normal(size=(src.shape[0], d)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(t * k, d)), jnp.float32)
+
+    def loss(to, back):
+        def f(x, scale):
+            xp = to(x, src, pos, valid, k)
+            return jnp.sum(jnp.cos(back(xp * scale + jnp.sin(xp), pos, src, valid)) * probe)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    got = loss(gm.to_blocks, gm.from_blocks)(x, scale)
+    want = loss(gm.to_blocks_reference, gm.from_blocks_reference)(x, scale)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # no scatter in the gradient program
+    hlo = jax.jit(jax.grad(lambda x: jnp.sum(gm.to_blocks(x, src, pos, valid, k) ** 2)))
+    assert "scatter" not in hlo.lower(x).as_text()
+    with pytest.raises(ValueError, match=r"must be \[T\*k\]"):
+        gm.to_blocks(x[:-1], src, pos, valid, k)
+
+
+def test_permute_rows_values_grads_and_no_scatter():
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(23, 4)), jnp.float32)
+    perm = jnp.asarray(rng.permutation(23), jnp.int32)
+    probe = jnp.asarray(rng.normal(size=(23, 4)), jnp.float32)
+    f = lambda permute: jax.value_and_grad(lambda x: jnp.sum(jnp.sin(permute(x)) * probe))
+    got = jax.jit(f(lambda x: gm.permute_rows(x, perm)))(x)
+    want = f(lambda x: x[perm])(x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    inverse = jnp.argsort(perm).astype(jnp.int32)
+    grad = jax.jit(jax.grad(lambda x: jnp.sum(gm.permute_rows(x, perm, inverse) ** 2)))
+    assert "scatter" not in grad.lower(x).as_text()
+    with pytest.raises(ValueError, match="perm must be a permutation of x's 23 rows"):
+        gm.permute_rows(x, perm[:-1])
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty", "one"])
 @pytest.mark.parametrize("transpose", [False, True])
