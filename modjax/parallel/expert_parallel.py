@@ -55,6 +55,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from modjax.kernels import grouped_matmul as gm
 from modjax.routing.types import Routing
 from modjax.sharding import DEFAULT_RULES, logical_to_spec
 from modjax.typing import Array, PyTree
@@ -311,9 +312,13 @@ def _dispatch_compute_combine(
     send_row = jnp.where(fits, dest * buffer_size + pos, rows)  # `rows` = out of bounds
 
     # 2. Pack and exchange. Rows of one destination are sorted by local expert, so the
-    # first min(B, ...) of each expert's run are the ones that fit.
-    token_of = order // k
-    send = jnp.zeros((rows, d), x.dtype).at[send_row].set(x[token_of], mode="drop")
+    # first min(B, ...) of each expert's run are the ones that fit. In assignment order
+    # (token-major): `row_of` is each assignment's send row, `assign_of` each send row's
+    # assignment (num_assign: empty); the moves have gather-only gradients.
+    row_of = jnp.zeros((num_assign,), jnp.int32).at[order].set(jnp.where(fits, send_row, 0))
+    fits_of = jnp.zeros((num_assign,), bool).at[order].set(fits)
+    assign_of = jnp.full((rows + 1,), num_assign, jnp.int32).at[send_row].set(order)[:rows]
+    send = gm.to_blocks(x, assign_of, row_of, fits_of, k)
     start_in_dest = _exclusive_cumsum(counts_by_dest, axis=1)
     sent_counts = jnp.clip(buffer_size - start_in_dest, 0, counts_by_dest).astype(jnp.int32)
     recv = jax.lax.all_to_all(send, expert_axis, 0, 0, tiled=True)  # [ep * B, D]
@@ -323,20 +328,20 @@ def _dispatch_compute_combine(
     ends = jnp.cumsum(recv_counts, axis=1)  # [ep, El]
     b = jnp.arange(buffer_size, dtype=jnp.int32)
     row_expert = (b[None, :, None] >= ends[:, None, :]).sum(-1).reshape(rows)  # El = pad
-    group_order = jnp.argsort(row_expert, stable=True)
+    group_order = jnp.argsort(row_expert, stable=True).astype(jnp.int32)
+    ungroup = jnp.zeros_like(group_order).at[group_order].set(jnp.arange(rows, dtype=jnp.int32))
     group_sizes = recv_counts.sum(0).astype(jnp.int32)
-    out_grouped = expert_fn(params, recv[group_order], group_sizes)
+    out_grouped = expert_fn(params, gm.permute_rows(recv, group_order, ungroup), group_sizes)
     if out_grouped.shape != (rows, d):
         raise ValueError(
             f"expert_fn must return [N, D] = {(rows, d)} for x of that shape, got "
             f"{out_grouped.shape}"
         )
-    out_recv = jnp.zeros_like(out_grouped).at[group_order].set(out_grouped)
+    out_recv = gm.permute_rows(out_grouped, ungroup, group_order)
 
     # 4. Send results back to the same buffer positions and combine.
     back = jax.lax.all_to_all(out_recv, expert_axis, 0, 0, tiled=True)  # [ep * B, D]
-    out_sorted = jnp.where(fits[:, None], back[jnp.minimum(send_row, rows - 1)], 0)
-    out_assign = jnp.zeros_like(out_sorted).at[order].set(out_sorted).reshape(tokens, k, d)
+    out_assign = gm.from_blocks(back, row_of, assign_of, fits_of).reshape(tokens, k, d)
     w = jnp.where(kept, weight, 0).astype(jnp.float32)
     y = jnp.einsum("tk,tkd->td", w, out_assign.astype(jnp.float32)).astype(x.dtype)
 
