@@ -17,7 +17,8 @@
 #    2.0 is the dropless worst case: ceil(2.0 * B / 2) = B).
 #
 #   SWEEP=moe bash benchmarks/h200_sweep.sh       # issue 4 instead (<9 min): the MoE layer
-#     table of the issue's three shapes, then Pallas tile variants on the OLMoE-like shape
+#     table of the issue's three shapes, then Pallas tile variants on the OLMoE-like shape,
+#     and the gather-only row moves against scatter-add gradients (block_moves.py)
 set -u
 OUT=${OUT:-/tmp/h200_sweep}
 mkdir -p "$OUT"
@@ -30,6 +31,8 @@ NGPU=$(nvidia-smi -L | wc -l)
   date -u; } > "$OUT/env.txt" 2>&1
 
 if [[ "${SWEEP:-train}" == moe ]]; then
+  timeout 60 python3 benchmarks/block_moves.py --dtype bfloat16 \
+    --shapes "8192,512,16,2;16384,2048,64,8;16384,4096,8,2" > "$OUT/block_moves.log" 2>&1
   timeout 300 python3 benchmarks/moe_layer.py --preset gpu --iters 10 --out "$OUT/moe_layer.md" \
     > "$OUT/moe_layer.log" 2>&1
   for tiles in bk=64,bn=128 bk=128,bn=128 bk=128,bn=256,num_warps=4 t_bk=64,t_bn=256; do
@@ -38,7 +41,7 @@ if [[ "${SWEEP:-train}" == moe ]]; then
       --iters 10 --tiles "$tiles" 2>&1 | grep -E "^\| (dense|dropless) " >> "$OUT/tiles.log"
   done
   cat "$OUT/env.txt"; grep -E "^###|^\| (dense|dropless|einsum|capacity|ragged)" "$OUT/moe_layer.log"
-  cat "$OUT/tiles.log"
+  cat "$OUT/tiles.log" "$OUT/block_moves.log"
   exit 0
 fi
 
