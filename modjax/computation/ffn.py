@@ -229,13 +229,15 @@ def _batched_expert_ffn(xb: Array, params: PyTree, activation: str) -> Array:
 def _capacity(x, routing, params, activation):
     t, k = routing.expert_index.shape
     e, c = routing.num_experts, routing.buffer_capacity()
-    flat = routing.expert_index * c + routing.slot
-    flat = jnp.where(routing.kept & (routing.slot < c), flat, e * c).reshape(-1)
-    token = jnp.repeat(jnp.arange(t, dtype=jnp.int32), k)
-    source = jnp.full((e * c + 1,), t, jnp.int32).at[flat].set(token)[: e * c]
-    xb = jnp.take(x, source, axis=0, mode="fill", fill_value=0).reshape(e, c, -1)
+    placed = (routing.kept & (routing.slot < c)).reshape(-1)  # [T*K]
+    flat = jnp.where(placed, (routing.expert_index * c + routing.slot).reshape(-1), e * c)
+    # each buffer slot's assignment (T*K: empty); gather-only gradients both ways
+    assign = jnp.arange(t * k, dtype=jnp.int32)
+    source = jnp.full((e * c + 1,), t * k, jnp.int32).at[flat].set(assign)[: e * c]
+    position = jnp.where(placed, flat, 0)
+    xb = gm.to_blocks(x, source, position, placed, k).reshape(e, c, -1)
     yb = _batched_expert_ffn(xb, params, activation).reshape(e * c, -1)
-    y_assign = jnp.take(yb, flat, axis=0, mode="fill", fill_value=0)
+    y_assign = gm.from_blocks(yb, position, source, placed)
     return _combine(y_assign.reshape(t, k, -1), routing.weight, x.dtype)
 
 
