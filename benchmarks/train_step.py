@@ -73,6 +73,7 @@ def main(argv=None) -> dict:
     p.add_argument("--strategy", default="dropless", help="MoE dispatch strategy")
     p.add_argument("--every", type=int, default=2, help="every n-th block is MoE")
     p.add_argument("--attention_impl", default="auto", help="auto, xla or cudnn")
+    p.add_argument("--remat", default="none", help="activation checkpointing: none, dots, full")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--data", type=int, default=-1)
@@ -103,7 +104,8 @@ def main(argv=None) -> dict:
         num_heads=size["heads"], d_ff=size["d_ff"], ffn="moe", sparse_placement="every",
         sparse_every=args.every,
         sparse_kwargs=dict(num_experts=size["experts"], k=size["k"], strategy=args.strategy),
-        attention_impl=args.attention_impl, dtype=dtype, param_dtype="float32",
+        attention_impl=args.attention_impl, remat=args.remat, dtype=dtype,
+        param_dtype="float32",
     )  # fmt: skip
     mesh = make_mesh(data=args.data, fsdp=args.fsdp, expert=args.expert, tensor=args.tensor)
     opt = OptimizerConfig(learning_rate=1e-4, warmup_steps=10)
@@ -178,6 +180,7 @@ def main(argv=None) -> dict:
             "strategy": args.strategy,
             "every": args.every,
             "attention_impl": args.attention_impl,
+            "remat": args.remat,
         },
     }
     print(json.dumps(result, indent=2))

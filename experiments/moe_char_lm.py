@@ -48,6 +48,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
             sparse_kwargs=dict(num_experts=4 if tiny else 8, k=2),
             tie_embeddings=True,
             dtype="float32" if tiny else "bfloat16",
+            attention_impl="auto",  # cuDNN flash attention on GPU where it applies
+            remat="none",  # "dots" / "full": recompute activations, save memory
         ),
     )
     c.task = dict(

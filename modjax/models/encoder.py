@@ -25,6 +25,7 @@ from modjax.models.blocks import (
     apply_blocks,
     build_blocks,
     check_positive,
+    check_remat,
     classifier_head,
     input_projection,
     normal_init,
@@ -72,8 +73,10 @@ class EncoderConfig(FFNConfig):
     sparse_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"
 
     def __post_init__(self):
+        check_remat(self.remat)
         check_positive(
             num_classes=self.num_classes, d_model=self.d_model, num_layers=self.num_layers,
             num_heads=self.num_heads, d_ff=self.d_ff,
@@ -170,7 +173,7 @@ class EncoderClassifier(nnx.Module):
             x = jnp.concatenate([cls.astype(x.dtype), x], axis=1)
         x = x + self.position[...][: x.shape[1]].astype(x.dtype)
         x = shard_activation(x.astype(self.dtype), ("batch", "length", "embed"))
-        x, aux = apply_blocks(self.blocks, x, train=train, **ffn_context)
+        x, aux = apply_blocks(self.blocks, x, train=train, remat=self.config.remat, **ffn_context)
         x = self.final_norm(x)
         pooled = x[:, 0] if self.cls is not None else x.mean(axis=1)
         logits = self.head(pooled.astype(self.dtype)).astype(jnp.float32)

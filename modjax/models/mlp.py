@@ -23,6 +23,7 @@ from modjax.models.blocks import (
     apply_blocks,
     build_blocks,
     check_positive,
+    check_remat,
     classifier_head,
     input_projection,
     resolve_dtypes,
@@ -60,8 +61,10 @@ class MLPConfig(FFNConfig):
     sparse_kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"
 
     def __post_init__(self):
+        check_remat(self.remat)
         check_positive(
             in_features=self.in_features, num_classes=self.num_classes,
             d_model=self.d_model, num_layers=self.num_layers, d_ff=self.d_ff,
@@ -100,7 +103,9 @@ class MLP(nnx.Module):
             raise ValueError(
                 f"inputs flatten to width {x.shape[-1]}, expected {self.input.in_features}"
             )
-        x, aux = apply_blocks(self.blocks, self.input(x), train=train, **ffn_context)
+        x, aux = apply_blocks(
+            self.blocks, self.input(x), train=train, remat=self.config.remat, **ffn_context
+        )
         logits = self.head(self.final_norm(x).astype(self.dtype)).astype(jnp.float32)
         return logits, aux
 

@@ -26,6 +26,7 @@ from modjax.models.blocks import (
     apply_blocks,
     build_blocks,
     check_positive,
+    check_remat,
     normal_init,
     resolve_dtypes,
     rms_norm,
@@ -71,8 +72,10 @@ class TransformerConfig(FFNConfig):
     attention_impl: str | None = "auto"
     dtype: str = "float32"
     param_dtype: str = "float32"
+    remat: str = "none"
 
     def __post_init__(self):
+        check_remat(self.remat)
         check_positive(
             vocab_size=self.vocab_size, d_model=self.d_model, num_layers=self.num_layers,
             num_heads=self.num_heads, d_ff=self.d_ff,
@@ -142,7 +145,7 @@ class TransformerLM(nnx.Module):
             )
         x = self.embed(tokens).astype(self.dtype)
         x = shard_activation(x, ("batch", "length", "embed"))
-        x, aux = apply_blocks(self.blocks, x, train=train, **ffn_context)
+        x, aux = apply_blocks(self.blocks, x, train=train, remat=self.config.remat, **ffn_context)
         x = self.final_norm(x)
         if self.head is None:
             logits = self.embed.attend(x.astype(self.dtype)) * self.config.d_model**-0.5
