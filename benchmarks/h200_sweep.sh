@@ -6,6 +6,10 @@
 #
 #   bash benchmarks/h200_sweep.sh                  # OUT defaults to /tmp/h200_sweep
 #
+# Through the device tool (no package registry there; carry the ml_collections wheel):
+#   python3 -m pip install -q --no-index --no-deps --target .site .whl/*.whl &&
+#   export PYTHONPATH=$PWD/.site:$PWD && bash benchmarks/h200_sweep.sh
+#
 # 1. train_step.py (~117M active, bf16, batch 32 x 1024): the default (cuDNN attention
 #    through attention_impl="auto") with a profiler trace, an all-dense baseline of the
 #    same width (--every 1000: no MoE block), batch 64, and (with 2 GPUs) the capacity
