@@ -171,7 +171,7 @@ def time_all_to_alls(ops: list[tuple[str, int]], mesh, repeats: int) -> float:
     return statistics.median(times)
 
 
-def measure(n: int, args, size: dict, per: dict) -> dict:
+def measure(n: int, args, size: dict, per: dict, profile: bool = False) -> dict:
     """One row of the table: n devices, weak-scaled problem."""
     mesh = _mesh(n, args.data)
     ep = mesh.shape["expert"]
@@ -194,9 +194,7 @@ def measure(n: int, args, size: dict, per: dict) -> dict:
     if check_batch == batch:  # the loss-check steps share the compiled step, and warm it
         state, losses_n = _run_losses(state, step, mesh, check)
     state, step_s = _time_steps(state, step, mesh, timing_batch, args.warmup, args.steps)
-    if args.profile and n == max(
-        int(c) for c in args.devices.split(",") if int(c) <= jax.device_count()
-    ):
+    if profile:  # a trace of 3 more steps (benchmarks/trace_summary.py reads it)
         jax.profiler.start_trace(args.profile)
         state, _ = _time_steps(state, step, mesh, timing_batch, 0, 3)
         jax.profiler.stop_trace()
@@ -307,7 +305,7 @@ def main(argv=None) -> list[dict]:
     meta = {"device": jax.devices()[0].device_kind, "dtype": args.dtype, "per_device": per,
             "model": size, "loss_rtol": args.loss_rtol}  # fmt: skip
     for n in counts:
-        rows.append(measure(n, args, size, per))
+        rows.append(measure(n, args, size, per, profile=bool(args.profile) and n == max(counts)))
         base = args.baseline or rows[0]["tokens_per_s_per_device"]
         for r in rows:
             r["efficiency"] = r["tokens_per_s_per_device"] / base

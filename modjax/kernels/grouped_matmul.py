@@ -163,42 +163,30 @@ def _from_blocks(yp, position, source, valid):
 
 
 def _from_blocks_fwd(yp, position, source, valid):
-    return _from_blocks(yp, position, source, valid), (position, source, valid)
+    return _from_blocks(yp, position, source, valid), source
 
 
-def _from_blocks_bwd(res, g):
-    _, source, _ = res
+def _from_blocks_bwd(source, g):
     return jnp.take(g, source, axis=0, mode="fill", fill_value=0), None, None, None
 
 
 _from_blocks.defvjp(_from_blocks_fwd, _from_blocks_bwd)
 
 
-@jax.custom_vjp
-def _permute_rows(x, perm, inverse):
-    return jnp.take(x, perm, axis=0)
-
-
-def _permute_rows_fwd(x, perm, inverse):
-    return _permute_rows(x, perm, inverse), inverse
-
-
-def _permute_rows_bwd(inverse, g):
-    return jnp.take(g, inverse, axis=0), None, None
-
-
-_permute_rows.defvjp(_permute_rows_fwd, _permute_rows_bwd)
+def inverse_permutation(perm: Array) -> Array:
+    """``inv`` with ``inv[perm[i]] = i`` (``argsort(perm)`` without the sort)."""
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
 
 
 def permute_rows(x: Array, perm: Array, inverse: Array | None = None) -> Array:
     """``x[perm]`` for a permutation ``perm`` of the rows, with a gather for gradient
-    (``x[perm]``'s plain gradient is a scatter-add). ``inverse``: ``argsort(perm)``,
-    computed here when not given."""
+    (``x[perm]``'s plain gradient is a scatter-add): :func:`to_blocks` with every row
+    placed. ``inverse``: :func:`inverse_permutation` of ``perm``, computed when not given."""
     if perm.shape != (x.shape[0],):
         raise ValueError(f"perm must be a permutation of x's {x.shape[0]} rows, got {perm.shape}")
     if inverse is None:
-        inverse = jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))
-    return _permute_rows(x, perm, inverse)
+        inverse = inverse_permutation(perm)
+    return _to_blocks(x, perm, inverse, jnp.ones(perm.shape, bool), 1)
 
 
 def to_blocks(x: Array, source: Array, position: Array, valid: Array, k: int = 1) -> Array:

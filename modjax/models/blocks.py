@@ -277,8 +277,8 @@ def attention(q: Array, k: Array, v: Array, *, causal: bool, implementation: str
     does not support the shape or dtype), ``None`` (jax's own choice: XLA today) or
     ``"auto"``: cuDNN on an NVIDIA GPU when jax accepts the call (bf16 or fp16, a
     supported head dim and length, cuDNN present: it checks at trace time and raises
-    otherwise), XLA in every other case. On the H200 the 12-layer
-    LM of ``benchmarks/train_step.py`` steps 1.6 times faster with cuDNN (RESULTS.md).
+    otherwise), XLA in every other case. On the H200 the 12-layer LM of
+    ``benchmarks/train_step.py`` steps 1.6 times faster with cuDNN (RESULTS.md).
     """
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"implementation must be one of {ATTENTION_IMPLS}, got {implementation!r}")

@@ -329,7 +329,7 @@ def _dispatch_compute_combine(
     b = jnp.arange(buffer_size, dtype=jnp.int32)
     row_expert = (b[None, :, None] >= ends[:, None, :]).sum(-1).reshape(rows)  # El = pad
     group_order = jnp.argsort(row_expert, stable=True).astype(jnp.int32)
-    ungroup = jnp.zeros_like(group_order).at[group_order].set(jnp.arange(rows, dtype=jnp.int32))
+    ungroup = gm.inverse_permutation(group_order)
     group_sizes = recv_counts.sum(0).astype(jnp.int32)
     out_grouped = expert_fn(params, gm.permute_rows(recv, group_order, ungroup), group_sizes)
     if out_grouped.shape != (rows, d):

@@ -323,8 +323,9 @@ def init_train_state(
 
     platform = mesh.devices.flat[0].platform
     if host_init is None:
-        host_init = platform == "gpu" and jax.process_count() == 1 and _has_cpu_backend()
-        if platform == "gpu" and jax.process_count() == 1 and not host_init:
+        one_gpu_process = platform == "gpu" and jax.process_count() == 1
+        host_init = one_gpu_process and _has_cpu_backend()
+        if one_gpu_process and not host_init:
             warnings.warn(
                 "init_train_state: initialising on the GPU because jax's CPU backend is not "
                 f"loaded (JAX_PLATFORMS={jax.config.jax_platforms!r}); XLA:GPU compiles a "
