@@ -66,7 +66,7 @@ def _union(intervals: list[tuple[float, float]]) -> float:
 
 
 def summarize(trace: dict) -> dict:
-    """``{"timelines": [...], "busy_us": {...}, "ops": {op: (us, count, kind)}}``."""
+    """``{"timelines": [...], "busy_us": {...}, "ops": {op: (us, count, kind, kernel)}}``."""
     events = trace["traceEvents"]
     names = {
         e["pid"]: e["args"]["name"]
@@ -80,14 +80,22 @@ def summarize(trace: dict) -> dict:
     else:  # CPU: XLA runs ops on host threads; keep the HLO ops, not runtime wrappers
         spans = [e for e in spans if (e.get("args") or {}).get("hlo_op")]
     ops: dict[str, list] = {}
+    kernels: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
     per_pid: dict[int, list[tuple[float, float]]] = collections.defaultdict(list)
     for e in spans:
         op = (e.get("args") or {}).get("hlo_op") or e["name"]
-        # the kind from the kernel's name too: GPU gemms are "custom-call.N" in HLO
-        entry = ops.setdefault(op, [0.0, 0, kind_of(f"{e['name']} {op}")])
+        entry = ops.setdefault(op, [0.0, 0, ""])
         entry[0] += e["dur"]
         entry[1] += 1
+        kernels[op][e["name"]] += e["dur"]
         per_pid[e["pid"]].append((e["ts"], e["ts"] + e["dur"]))
+    for op, entry in ops.items():
+        # the kind from the op's longest-running kernel and its HLO name: a GPU gemm is
+        # "custom-call.N" in HLO (its kernel says cublas/nvjet/gemm), and one op may launch
+        # helper kernels (memsets, split-k reductions) besides its main one
+        main_kernel = kernels[op].most_common(1)[0][0]
+        entry[2] = kind_of(f"{main_kernel} {op}")
+        entry.append(main_kernel)
     busy = {names.get(pid, str(pid)): _union(iv) for pid, iv in per_pid.items()}
     ops_out = {k: tuple(v) for k, v in ops.items()}
     return {"timelines": sorted(busy), "busy_us": busy, "ops": ops_out}
@@ -100,16 +108,18 @@ def format_summary(summary: dict, steps: int, top: int) -> str:
     for name in summary["timelines"]:
         lines.append(f"| {name} | {summary['busy_us'][name] / steps / 1e3:.2f} |")
     kinds: dict[str, float] = collections.defaultdict(float)
-    for us, _, kind in ops.values():
+    for us, _, kind, _ in ops.values():
         kinds[kind] += us
     lines += ["", "| kind | ms / step | share |", "|---|---|---|"]
     for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1]):
         lines.append(f"| {kind} | {us / steps / 1e3:.2f} | {us / total:.1%} |")
-    lines += ["", "| op | kind | calls / step | ms / step | share |", "|---|---|---|---|---|"]
-    for op, (us, n, kind) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
-        short = op if len(op) <= 60 else op[:57] + "..."
+    lines += ["", "| op | kind | main kernel | calls / step | ms / step | share |",
+              "|---|---|---|---|---|---|"]  # fmt: skip
+    clip = lambda s, n: s if len(s) <= n else s[: n - 3] + "..."
+    for op, (us, n, kind, kernel) in sorted(ops.items(), key=lambda kv: -kv[1][0])[:top]:
         lines.append(
-            f"| `{short}` | {kind} | {n / steps:g} | {us / steps / 1e3:.3f} | {us / total:.1%} |"
+            f"| `{clip(op, 60)}` | {kind} | `{clip(kernel, 50)}` | {n / steps:g} "
+            f"| {us / steps / 1e3:.3f} | {us / total:.1%} |"
         )
     return "\n".join(lines)
 

@@ -83,6 +83,7 @@ def main(argv=None) -> dict:
     p.add_argument("--peak_tflops", type=float, default=785.0, help="per device, bf16")
     p.add_argument("--out", default="", help="append the result as a JSON line here")
     p.add_argument("--profile", default="", help="write a profiler trace of 3 steps here")
+    p.add_argument("--hlo", default="", help="write the compiled step's optimized HLO here")
     p.add_argument(
         "--watchdog",
         type=float,
@@ -133,6 +134,9 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         compiled = step.lower(state, batch).compile()
         compile_s = time.perf_counter() - t0
+        if args.hlo:  # fusion names in a --profile trace are the names in this text
+            with open(args.hlo, "w") as f:
+                f.write(compiled.as_text())
         log(f"compiled in {compile_s:.1f}s; first step")
         state, m = compiled(state, batch)
         jax.block_until_ready(m["loss"])
