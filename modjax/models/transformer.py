@@ -147,8 +147,9 @@ class TransformerLM(nnx.Module):
         x = shard_activation(x, ("batch", "length", "embed"))
         x, aux = apply_blocks(self.blocks, x, train=train, remat=self.config.remat, **ffn_context)
         x = self.final_norm(x)
-        if self.head is None:
-            logits = self.embed.attend(x.astype(self.dtype)) * self.config.d_model**-0.5
+        if self.head is None:  # scale the [B, T, D] input, not the [B, T, V] logits: a V-wide
+            # elementwise pass fewer, forward and backward
+            logits = self.embed.attend((x * self.config.d_model**-0.5).astype(self.dtype))
         else:
             logits = self.head(x.astype(self.dtype))
         logits = shard_activation(logits.astype(jnp.float32), ("batch", "length", "vocab"))

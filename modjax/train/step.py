@@ -71,8 +71,25 @@ class TaskConfig:
 
 
 def _cross_entropy(logits, targets, mask):
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    """Masked mean softmax cross-entropy of ``logits [..., V]`` against int ``targets [...]``.
+
+    Computed in float32 from the logits as they come (bfloat16 logits are upcast inside the
+    fused reductions, never materialised in float32). Two passes over the logits forward
+    (max, then the sums) and one backward; accuracy reuses the max: a
+    position counts as correct when its target's logit is a maximum (``argmax`` would need
+    a third pass, and differs only on exact ties).
+    """
+    x = logits.astype(jnp.float32)
+    top = jnp.max(x, axis=-1, keepdims=True)
+    shifted = x - jax.lax.stop_gradient(top)
+    lse = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1))
+    # the target's logit by a one-hot select, not a gather: the select's gradient fuses into
+    # the softmax gradient (one pass writing the logits' cotangent in their dtype), where a
+    # gather's is a scatter into a materialised float32 [..., V] buffer
+    hit = targets[..., None] == jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    target_logit = jnp.sum(jnp.where(hit, shifted, 0.0), axis=-1)
+    loss = lse - target_logit
+    correct = (target_logit >= 0.0).astype(jnp.float32)  # shifted: the max is exactly 0
     mask = jnp.ones_like(loss) if mask is None else mask.astype(jnp.float32)
     denom = jnp.maximum(mask.sum(), 1.0)
     return (loss * mask).sum() / denom, {"accuracy": (correct * mask).sum() / denom}

@@ -6,6 +6,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -193,3 +194,29 @@ def test_trainer_with_remat_and_router_jitter_matches_plain():
     assert plain[-1] < plain[0]
     for a, b in zip(remat_rest, plain_rest):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_cross_entropy_equals_optax_values_grads_and_argmax_accuracy(dtype):
+    from modjax.train.step import _cross_entropy
+
+    k1, k2, k3 = jax.random.split(jax.random.key(7), 3)
+    logits = (4.0 * jax.random.normal(k1, (3, 5, 37))).astype(dtype)
+    targets = jax.random.randint(k2, (3, 5), 0, 37)
+    targets = targets.at[0, :2].set(jnp.argmax(logits[0, :2], -1))  # some correct ones
+    mask = (jax.random.uniform(k3, (3, 5)) > 0.3).astype(jnp.float32).at[0, :2].set(1.0)
+
+    def reference(lg):
+        lg = lg.astype(jnp.float32)
+        loss = optax.softmax_cross_entropy_with_integer_labels(lg, targets)
+        correct = (jnp.argmax(lg, -1) == targets).astype(jnp.float32)
+        return (loss * mask).sum() / mask.sum(), (correct * mask).sum() / mask.sum()
+
+    (got, m), g_got = jax.value_and_grad(_cross_entropy, has_aux=True)(logits, targets, mask)
+    (want, acc), g_want = jax.value_and_grad(reference, has_aux=True)(logits)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(m["accuracy"], acc)
+    assert float(acc) > 0
+    assert g_got.dtype == dtype
+    tol = 1e-6 if dtype == jnp.float32 else 1e-2
+    np.testing.assert_allclose(np.float32(g_got), np.float32(g_want), atol=tol)
