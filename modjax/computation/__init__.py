@@ -3,10 +3,11 @@
 Submodules: :mod:`.lora` (parameter composition), :mod:`.sparse` (sparse weight deltas),
 :mod:`.ia3` (rescaling), :mod:`.adapter` (bottleneck adapters), :mod:`.prompt` (prompt
 and prefix tuning), :mod:`.hypernet` (generated module parameters), :mod:`.ffn` (dense
-FFN and FFN experts).
+FFN and FFN experts), :mod:`.matmul` (low-precision matmuls whose gradients stay
+low-precision).
 """
 
-from modjax.computation import adapter, ffn, hypernet, ia3, lora, prompt, sparse
+from modjax.computation import adapter, ffn, hypernet, ia3, lora, matmul, prompt, sparse
 from modjax.computation.adapter import bottleneck, parallel_adapter, sequential_adapter
 from modjax.computation.ffn import ffn as dense_ffn
 from modjax.computation.ffn import grouped_ffn, moe_ffn, moe_ffn_reference
@@ -55,6 +56,7 @@ __all__ = [
     "lora_scaling",
     "lora_spec",
     "magnitude_mask",
+    "matmul",
     "merge_ia3",
     "merge_lora",
     "moe_ffn",

@@ -37,6 +37,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from modjax.computation import matmul
 from modjax.kernels import grouped_matmul as gm
 from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array, PyTree
@@ -91,9 +92,8 @@ def ffn(x: Array, params: PyTree, *, activation: str = "swiglu") -> Array:
     d, _ = check_ffn_params(params, activation, experts=False)
     if x.shape[-1] != d:
         raise ValueError(f"x width {x.shape[-1]} does not match params width D={d}")
-    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
-    proj = {n: dot(x, params[n].astype(x.dtype)).astype(x.dtype) for n in names}
-    return dot(_hidden(activation, proj), params["wo"].astype(x.dtype)).astype(x.dtype)
+    proj = {n: matmul.dot(x, params[n]) for n in names}
+    return matmul.dot(_hidden(activation, proj), params["wo"])
 
 
 # --------------------------------------------------------------------------------------
@@ -220,10 +220,8 @@ def _dropless(x, routing, params, activation, block_size, impl, interpret):
 def _batched_expert_ffn(xb: Array, params: PyTree, activation: str) -> Array:
     """``[E, C, D] -> [E, C, D]``: every expert on its own buffer."""
     names = ACTIVATIONS[activation]
-    ein = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
-    proj = {n: ein("ecd,edf->ecf", xb, params[n].astype(xb.dtype)).astype(xb.dtype) for n in names}
-    h = _hidden(activation, proj)
-    return ein("ecf,efd->ecd", h, params["wo"].astype(xb.dtype)).astype(xb.dtype)
+    proj = {n: matmul.einsum("ecd,edf->ecf", xb, params[n].astype(xb.dtype)) for n in names}
+    return matmul.einsum("ecf,efd->ecd", _hidden(activation, proj), params["wo"].astype(xb.dtype))
 
 
 def _capacity(x, routing, params, activation):
@@ -247,10 +245,9 @@ def _einsum(x, routing, params, activation):
 
 
 def _einsum_dense(x, dispatch, combine, params, activation):
-    xb = jnp.einsum("tec,td->ecd", dispatch.astype(x.dtype), x, preferred_element_type=jnp.float32)
-    yb = _batched_expert_ffn(xb.astype(x.dtype), params, activation)
-    y = jnp.einsum("tec,ecd->td", combine.astype(x.dtype), yb, preferred_element_type=jnp.float32)
-    return y.astype(x.dtype)
+    xb = matmul.einsum("tec,td->ecd", dispatch.astype(x.dtype), x)
+    yb = _batched_expert_ffn(xb, params, activation)
+    return matmul.einsum("tec,ecd->td", combine.astype(x.dtype), yb)
 
 
 def moe_ffn_dense_routing(
