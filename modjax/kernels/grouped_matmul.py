@@ -19,6 +19,9 @@ Implementations (``impl=``), all computing the same function:
   at a time (the CPU path).
 * ``"pallas"``: Triton-lowered Pallas kernels (:mod:`modjax.kernels.pallas_gmm`), for
   GPUs; with ``interpret=True`` they run anywhere (slowly), which the tests use on CPU.
+* ``"mgpu"``: jax's own Hopper (Mosaic GPU, wgmma/TMA) ragged-dot kernels
+  (:mod:`modjax.kernels.mgpu_gmm`), bf16/f16 on NVIDIA Hopper GPUs only; opt-in while
+  it is being measured against ``"pallas"``.
 * ``"auto"`` (default): ``"pallas"`` on GPU, ``"xla"`` elsewhere.
 
 Inputs are bf16/f16/f32; products accumulate in float32 and are cast back to the
@@ -35,7 +38,7 @@ import jax.numpy as jnp
 
 from modjax.typing import Array
 
-IMPLS = ("auto", "reference", "xla", "pallas")
+IMPLS = ("auto", "reference", "xla", "pallas", "mgpu")
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
@@ -225,8 +228,17 @@ def _check_impl(impl: str) -> str:
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() == "gpu" else "xla"
+        return "pallas" if _on_gpu() else "xla"
+    if impl == "mgpu" and not _on_gpu():
+        raise ValueError(
+            f"impl='mgpu' runs on NVIDIA Hopper GPUs only; the default backend is "
+            f"{jax.default_backend()!r} (use impl='xla', or 'pallas' with interpret=True)"
+        )
     return impl
+
+
+def _on_gpu() -> bool:
+    return jax.default_backend() == "gpu"
 
 
 def _check_dtype(name: str, a: Array) -> None:
@@ -357,6 +369,10 @@ def _gmm_impl(x, w, layout, block_size, transpose_rhs, impl, interpret):
         return _gmm_reference(x, w, layout, block_size, transpose_rhs)
     if impl == "xla":
         return _gmm_xla(x, w, layout, block_size, transpose_rhs)
+    if impl == "mgpu":
+        from modjax.kernels import mgpu_gmm
+
+        return mgpu_gmm.gmm(x, w, layout, block_size=block_size, transpose_rhs=transpose_rhs)
     return _gmm_pallas(x, w, layout, block_size, transpose_rhs, interpret)
 
 
@@ -365,6 +381,10 @@ def _tgmm_impl(x, dy, layout, block_size, impl, interpret):
         return _tgmm_reference(x, dy, layout, block_size)
     if impl == "xla":
         return _tgmm_xla(x, dy, layout, block_size)
+    if impl == "mgpu":
+        from modjax.kernels import mgpu_gmm
+
+        return mgpu_gmm.tgmm(x, dy, layout, block_size=block_size)
     return _tgmm_pallas(x, dy, layout, block_size, interpret)
 
 
@@ -390,7 +410,7 @@ def gmm(
       layout: the :class:`GroupLayout` of ``x``.
       block_size: rows per block (static).
       transpose_rhs: multiply by ``w[g].T`` instead.
-      impl: ``"auto"``, ``"reference"``, ``"xla"`` or ``"pallas"``.
+      impl: ``"auto"``, ``"reference"``, ``"xla"``, ``"pallas"`` or ``"mgpu"``.
       interpret: run Pallas kernels in interpret mode (any backend; for tests).
 
     Returns:
