@@ -20,9 +20,10 @@
 #    with its loss check needs ~4 minutes). A capacity-bounded exchange is a separate call:
 #    ep_scaling.py --devices 2 --ep_capacity_factor 1.25 --baseline <1-GPU tokens/s/dev>
 #
-#   SWEEP=moe bash benchmarks/h200_sweep.sh       # issue 4 instead (<9 min): the MoE layer
-#     table of the issue's three shapes, then Pallas tile variants on the OLMoE-like shape,
-#     and the gather-only row moves against scatter-add gradients (block_moves.py)
+#   SWEEP=moe bash benchmarks/h200_sweep.sh       # issue 4 instead (<10 min): the MoE layer
+#     table of the issue's three shapes (with impl="mgpu": jax's Hopper ragged-dot kernels),
+#     the mgpu GPU tests and a train step with them, and the gather-only row moves against
+#     scatter-add gradients (block_moves.py)
 set -u
 OUT=${OUT:-/tmp/h200_sweep}
 mkdir -p "$OUT"
@@ -41,14 +42,14 @@ if [[ "${SWEEP:-train}" == moe ]]; then
   timeout 60 python3 benchmarks/block_moves.py --dtype bfloat16 \
     --shapes "8192,512,16,2;16384,2048,64,8;16384,4096,8,2" > "$OUT/block_moves.log" 2>&1
   timeout 300 python3 benchmarks/moe_layer.py --preset gpu --iters 10 --out "$OUT/moe_layer.md" \
-    > "$OUT/moe_layer.log" 2>&1
-  for tiles in bk=64,bn=128 bk=128,bn=128 bk=128,bn=256,num_warps=4 t_bk=64,t_bn=256; do
-    echo "== tiles $tiles" >> "$OUT/tiles.log"
-    timeout 60 python3 benchmarks/moe_layer.py --preset gpu --only olmoe --methods dense,dropless \
-      --iters 10 --tiles "$tiles" 2>&1 | grep -E "^\| (dense|dropless) " >> "$OUT/tiles.log"
-  done
+    --methods dense,einsum,capacity,ragged_dot,dropless,dropless:mgpu > "$OUT/moe_layer.log" 2>&1
+  MODJAX_GPU_TESTS=1 JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_mgpu_gmm.py > "$OUT/mgpu_tests.log" 2>&1
+  CUDA_VISIBLE_DEVICES=0 timeout 70 python3 benchmarks/train_step.py --steps 20 --impl mgpu \
+    --out "$OUT/train_step_mgpu.jsonl" > "$OUT/ts_mgpu.log" 2>&1
   cat "$OUT/env.txt"; grep -E "^###|^\| (dense|dropless|einsum|capacity|ragged)" "$OUT/moe_layer.log"
-  cat "$OUT/tiles.log" "$OUT/block_moves.log"
+  tail -1 "$OUT/mgpu_tests.log"; grep -h '"mfu"' "$OUT"/ts_mgpu.log
+  cat "$OUT/block_moves.log"
   exit 0
 fi
 

@@ -71,6 +71,7 @@ def main(argv=None) -> dict:
         p.add_argument(f"--{k}", type=int, default=None, help=f"default {v} ({TINY[k]} tiny)")
     p.add_argument("--dtype", default=None, help="compute dtype (bfloat16; float32 tiny)")
     p.add_argument("--strategy", default="dropless", help="MoE dispatch strategy")
+    p.add_argument("--impl", default="auto", help="grouped-matmul impl (auto, pallas, mgpu, xla)")
     p.add_argument("--every", type=int, default=2, help="every n-th block is MoE")
     p.add_argument("--attention_impl", default="auto", help="auto, xla or cudnn")
     p.add_argument("--remat", default="none", help="activation checkpointing: none, dots, full")
@@ -104,7 +105,8 @@ def main(argv=None) -> dict:
         vocab_size=size["vocab"], d_model=size["d_model"], num_layers=size["layers"],
         num_heads=size["heads"], d_ff=size["d_ff"], ffn="moe", sparse_placement="every",
         sparse_every=args.every,
-        sparse_kwargs=dict(num_experts=size["experts"], k=size["k"], strategy=args.strategy),
+        sparse_kwargs=dict(num_experts=size["experts"], k=size["k"], strategy=args.strategy,
+                           impl=args.impl),
         attention_impl=args.attention_impl, remat=args.remat, dtype=dtype,
         param_dtype="float32",
     )  # fmt: skip
@@ -182,6 +184,7 @@ def main(argv=None) -> dict:
         "config": {
             **size,
             "strategy": args.strategy,
+            "impl": args.impl,
             "every": args.every,
             "attention_impl": args.attention_impl,
             "remat": args.remat,
