@@ -89,7 +89,8 @@ def _cross_entropy(logits, targets, mask):
     hit = targets[..., None] == jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
     target_logit = jnp.sum(jnp.where(hit, shifted, 0.0), axis=-1)
     loss = lse - target_logit
-    correct = (target_logit >= 0.0).astype(jnp.float32)  # shifted: the max is exactly 0
+    in_range = (targets >= 0) & (targets < x.shape[-1])  # an out-of-range target hits nothing
+    correct = ((target_logit >= 0.0) & in_range).astype(jnp.float32)  # shifted: max is 0
     mask = jnp.ones_like(loss) if mask is None else mask.astype(jnp.float32)
     denom = jnp.maximum(mask.sum(), 1.0)
     return (loss * mask).sum() / denom, {"accuracy": (correct * mask).sum() / denom}

@@ -220,3 +220,12 @@ def test_cross_entropy_equals_optax_values_grads_and_argmax_accuracy(dtype):
     assert g_got.dtype == dtype
     tol = 1e-6 if dtype == jnp.float32 else 1e-2
     np.testing.assert_allclose(np.float32(g_got), np.float32(g_want), atol=tol)
+    # a masked-out padding target (-1) adds nothing: no NaN, not counted correct
+    padded, pad_mask = targets.at[2].set(-1), mask.at[2].set(0.0)
+    loss, m = _cross_entropy(logits, padded, pad_mask)
+    want, acc = _cross_entropy(logits[:2], targets[:2], mask[:2])
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+    np.testing.assert_allclose(m["accuracy"], acc["accuracy"])
+    acc_all = _cross_entropy(logits, padded, None)[1]["accuracy"]  # 15 positions, 5 padded
+    acc_first = _cross_entropy(logits[:2], targets[:2], None)[1]["accuracy"]  # the other 10
+    np.testing.assert_allclose(acc_all * 15, acc_first * 10, rtol=1e-6)
