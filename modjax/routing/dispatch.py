@@ -1,9 +1,12 @@
 """Apply any routing decision to token representations: dispatch to and combine from
 per-expert buffers ``[E, C, D]``.
 
-* :class:`~modjax.routing.types.Routing`: scatter token t's row into slot
+* :class:`~modjax.routing.types.Routing`: put token t's row into slot
   ``(expert_index[t, k], slot[t, k])`` of the buffer where ``kept`` (C is the routing's
-  capacity, or T when dropless), and gather it back weighted by ``weight``.
+  capacity, or T when dropless), and read it back weighted by ``weight``. Both directions
+  and both of their gradients are gathers (the slot -> assignment map inverts the
+  assignment -> slot map), never scatter-adds; :func:`dispatch_reference` and
+  :func:`combine_reference` are the plain scatter/indexing twins the tests hold equal.
 * :class:`~modjax.routing.types.DenseRouting`: the einsums of GShard (Lepikhin et al.
   2021) and Soft MoE (Puigcerver et al. 2023), ``"tec,td->ecd"`` and ``"tec,ecd->td"``.
 
@@ -70,12 +73,84 @@ def _dispatch_impl(x: Array, routing: Routing | DenseRouting) -> Array:
     e, c = routing.num_experts, routing.buffer_capacity()
 
     def one(xg, idx, slot, kept):
+        flat, source = _slot_maps(idx, slot, kept, e, c)
+        return _fill_slots(xg, flat, source).reshape(e, c, -1)
+
+    return map_groups(one, len(lead), x, routing.expert_index, routing.slot, routing.kept)
+
+
+def dispatch_reference(x: Array, routing: Routing) -> Array:
+    """:func:`dispatch` of a sparse Routing as a scatter-add (its gradient is a gather and
+    its transpose a scatter-add): the reference twin of the gather-only path."""
+    e, c = routing.num_experts, routing.buffer_capacity()
+
+    def one(xg, idx, slot, kept):
         rows = jnp.broadcast_to(xg[:, None, :], idx.shape + xg.shape[-1:])
         slot = jnp.where(kept, slot, c)  # out of range: dropped by mode="drop"
         buf = jnp.zeros((e, c, xg.shape[-1]), xg.dtype)
         return buf.at[idx, slot].add(rows, mode="drop")
 
+    lead = _routing_lead(routing)
     return map_groups(one, len(lead), x, routing.expert_index, routing.slot, routing.kept)
+
+
+# Sparse dispatch and combine move rows between tokens and buffer slots. Written as
+# indexing, one direction is a gather whose gradient is a scatter-add (atomics on GPUs).
+# Each kept assignment owns one slot, so the slot -> assignment map (``source``) inverts
+# the assignment -> slot map (``flat``), and both directions and both gradients are
+# gathers: ``_fill_slots`` (tokens -> slots) and ``_read_slots`` (slots -> assignments).
+
+
+def _slot_maps(idx: Array, slot: Array, kept: Array, e: int, c: int) -> tuple[Array, Array]:
+    """``flat [T*K]``: each assignment's slot in the ``[E*C]`` buffer (``E*C`` if dropped);
+    ``source [E*C]``: each slot's assignment (``T*K`` if empty). One group, no gradient."""
+    placed = (kept & (slot >= 0) & (slot < c)).reshape(-1)
+    flat = jnp.where(placed, (idx * c + slot).reshape(-1), e * c).astype(jnp.int32)
+    n = flat.shape[0]
+    source = jnp.full((e * c + 1,), n, jnp.int32).at[flat].set(jnp.arange(n, dtype=jnp.int32))
+    return flat, source[: e * c]
+
+
+def _take_or_zero(rows: Array, index: Array) -> Array:
+    return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
+
+
+@jax.custom_vjp
+def _fill_slots(x: Array, flat: Array, source: Array) -> Array:
+    """``[T, D] -> [E*C, D]``: slot s holds ``x[source[s] // K]`` (zero when empty)."""
+    k = flat.shape[0] // x.shape[0]
+    return _take_or_zero(x, jnp.where(source < flat.shape[0], source // k, x.shape[0]))
+
+
+def _fill_slots_fwd(x, flat, source):
+    return _fill_slots(x, flat, source), (flat, source, x.shape[0])
+
+
+def _fill_slots_bwd(res, g):
+    flat, source, t = res
+    per_assignment = _take_or_zero(g, flat)  # dropped assignments read zero
+    return per_assignment.reshape(t, -1, g.shape[-1]).sum(1), None, None
+
+
+_fill_slots.defvjp(_fill_slots_fwd, _fill_slots_bwd)
+
+
+@jax.custom_vjp
+def _read_slots(buf: Array, flat: Array, source: Array) -> Array:
+    """``[E*C, D] -> [T*K, D]``: assignment a reads slot ``flat[a]`` (zero when dropped)."""
+    return _take_or_zero(buf, flat)
+
+
+def _read_slots_fwd(buf, flat, source):
+    return _read_slots(buf, flat, source), (flat, source)
+
+
+def _read_slots_bwd(res, g):
+    flat, source = res
+    return _take_or_zero(g, source), None, None  # empty slots get zero
+
+
+_read_slots.defvjp(_read_slots_fwd, _read_slots_bwd)
 
 
 def combine(expert_out: Array, routing: Routing | DenseRouting) -> Array:
@@ -102,16 +177,39 @@ def _combine_impl(expert_out: Array, routing: Routing | DenseRouting) -> Array:
         return jnp.einsum(
             "...tec,...ecd->...td", routing.combine.astype(expert_out.dtype), expert_out
         )
+    e, c = routing.num_experts, routing.buffer_capacity()
 
     def one(out, idx, slot, kept, weight):
-        rows = out[idx, jnp.where(kept, slot, 0)]  # [T, K, D]
-        w = weight.astype(jnp.float32)[..., None]
-        contrib = jnp.where(kept[..., None], rows.astype(jnp.float32) * w, 0.0)
-        return contrib.sum(axis=1).astype(out.dtype)
+        flat, source = _slot_maps(idx, slot, kept, e, c)
+        rows = _read_slots(out.reshape(e * c, -1), flat, source).reshape(idx.shape + (-1,))
+        return _weighted_sum(rows, kept, weight, out.dtype)
 
     return map_groups(
         one, len(lead), expert_out, routing.expert_index, routing.slot, routing.kept, routing.weight
     )
 
 
-__all__ = ["combine", "dispatch"]
+def _weighted_sum(rows: Array, kept: Array, weight: Array, dtype) -> Array:
+    """``sum_k weight * rows`` over kept assignments, in float32 (a dropped assignment
+    adds exactly zero even if its row is NaN)."""
+    w = weight.astype(jnp.float32)[..., None]
+    contrib = jnp.where(kept[..., None], rows.astype(jnp.float32) * w, 0.0)
+    return contrib.sum(axis=1).astype(dtype)
+
+
+def combine_reference(expert_out: Array, routing: Routing) -> Array:
+    """:func:`combine` of a sparse Routing by plain indexing (whose gradient is a
+    scatter-add): the reference twin of the gather-only path."""
+    c = routing.buffer_capacity()
+
+    def one(out, idx, slot, kept, weight):
+        placed = kept & (slot < c)
+        return _weighted_sum(out[idx, jnp.where(placed, slot, 0)], placed, weight, out.dtype)
+
+    lead = _routing_lead(routing)
+    return map_groups(
+        one, len(lead), expert_out, routing.expert_index, routing.slot, routing.kept, routing.weight
+    )
+
+
+__all__ = ["combine", "combine_reference", "dispatch", "dispatch_reference"]

@@ -90,3 +90,55 @@ def test_bad_shapes():
         combine(jnp.zeros((2, 3, 3)), r)
     with pytest.raises(TypeError, match="routing"):
         dispatch(jnp.zeros((4, 3)), {"a": 1})
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+@pytest.mark.parametrize("capacity", [None, 2])
+def test_gather_only_dispatch_combine_equal_reference_values_and_grads(k, capacity):
+    from modjax.routing.dispatch import combine_reference, dispatch_reference
+
+    # two routing groups (a leading axis), 11 tokens, 5 experts; capacity 2 drops some
+    logits, x = rnd(10 + k, (2, 11, 5)), rnd(20 + k, (2, 11, 6))
+    w = rnd(30 + k, (5, 6, 6))
+    r = top_k_routing(logits, k, capacity=capacity)
+    if capacity:
+        assert not bool(r.kept.all())  # some assignments are dropped
+
+    def layer(x, logits, fns):
+        disp, comb = fns
+        rr = top_k_routing(logits, k, capacity=capacity)
+        h = jnp.einsum("gecd,edf->gecf", disp(x, rr), w)
+        return jnp.sum(comb(jnp.sin(h), rr) ** 2)
+
+    fast, ref = (dispatch, combine), (dispatch_reference, combine_reference)
+    np.testing.assert_array_equal(dispatch(x, r), dispatch_reference(x, r))
+    out = jnp.cos(dispatch(x, r))
+    np.testing.assert_allclose(combine(out, r), combine_reference(out, r), rtol=1e-6)
+    gf = jax.grad(layer, (0, 1))(x, logits, fast)
+    gr = jax.grad(layer, (0, 1))(x, logits, ref)
+    for a, b in zip(gf, gr):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert float(jnp.abs(gf[1]).sum()) > 0  # the router gets a gradient
+
+
+def test_dispatch_combine_gradients_have_no_scatter():
+    from modjax.routing.dispatch import combine_reference
+
+    logits, x = rnd(40, (16, 4)), rnd(41, (16, 8))
+    c = top_k_routing(logits, 2, capacity=5).buffer_capacity()
+    out = jnp.ones((4, c, 8))
+
+    def loss(x, out, logits, comb=combine):
+        r = top_k_routing(logits, 2, capacity=5)  # traced: the slot maps are not constants
+        return jnp.sum(dispatch(x, r) ** 2) + jnp.sum(comb(out, r) ** 2)
+
+    def scatters(fn):  # the result types of the compiled program's scatters
+        text = jax.jit(fn).lower(x, out, logits).compile().as_text()
+        return [ln.split("=")[1].split()[0] for ln in text.splitlines() if " scatter(" in ln]
+
+    # the only scatter left is the int32 slot -> assignment map, built in the forward
+    got = scatters(jax.grad(loss, (0, 1)))
+    assert got and all(t.startswith("s32") for t in got), got
+    # the plain twin's gradient scatter-adds float rows
+    ref = scatters(jax.grad(lambda x, o, lg: loss(x, o, lg, combine_reference), (0, 1)))
+    assert any(t.startswith("f32") for t in ref), ref
