@@ -39,6 +39,7 @@ import jax.numpy as jnp
 
 from modjax.computation import matmul
 from modjax.kernels import grouped_matmul as gm
+from modjax.routing.dispatch import slot_maps
 from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array, PyTree
 
@@ -227,12 +228,8 @@ def _batched_expert_ffn(xb: Array, params: PyTree, activation: str) -> Array:
 def _capacity(x, routing, params, activation):
     t, k = routing.expert_index.shape
     e, c = routing.num_experts, routing.buffer_capacity()
-    placed = (routing.kept & (routing.slot < c)).reshape(-1)  # [T*K]
-    flat = jnp.where(placed, (routing.expert_index * c + routing.slot).reshape(-1), e * c)
-    # each buffer slot's assignment (T*K: empty); gather-only gradients both ways
-    assign = jnp.arange(t * k, dtype=jnp.int32)
-    source = jnp.full((e * c + 1,), t * k, jnp.int32).at[flat].set(assign)[: e * c]
-    position = jnp.where(placed, flat, 0)
+    # each assignment's slot and each slot's assignment: gather-only gradients both ways
+    position, source, placed = slot_maps(routing.expert_index, routing.slot, routing.kept, e, c)
     xb = gm.to_blocks(x, source, position, placed, k).reshape(e, c, -1)
     yb = _batched_expert_ffn(xb, params, activation).reshape(e * c, -1)
     y_assign = gm.from_blocks(yb, position, source, placed)

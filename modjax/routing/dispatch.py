@@ -18,6 +18,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from modjax.kernels import grouped_matmul as gm
 from modjax.routing.groups import map_groups
 from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array
@@ -73,8 +74,8 @@ def _dispatch_impl(x: Array, routing: Routing | DenseRouting) -> Array:
     e, c = routing.num_experts, routing.buffer_capacity()
 
     def one(xg, idx, slot, kept):
-        flat, source = _slot_maps(idx, slot, kept, e, c)
-        return _fill_slots(xg, flat, source).reshape(e, c, -1)
+        position, source, placed = slot_maps(idx, slot, kept, e, c)
+        return gm.to_blocks(xg, source, position, placed, idx.shape[1]).reshape(e, c, -1)
 
     return map_groups(one, len(lead), x, routing.expert_index, routing.slot, routing.kept)
 
@@ -94,63 +95,28 @@ def dispatch_reference(x: Array, routing: Routing) -> Array:
     return map_groups(one, len(lead), x, routing.expert_index, routing.slot, routing.kept)
 
 
-# Sparse dispatch and combine move rows between tokens and buffer slots. Written as
-# indexing, one direction is a gather whose gradient is a scatter-add (atomics on GPUs).
-# Each kept assignment owns one slot, so the slot -> assignment map (``source``) inverts
-# the assignment -> slot map (``flat``), and both directions and both gradients are
-# gathers: ``_fill_slots`` (tokens -> slots) and ``_read_slots`` (slots -> assignments).
+def slot_maps(
+    expert_index: Array, slot: Array, kept: Array, num_experts: int, capacity: int
+) -> tuple[Array, Array, Array]:
+    """Where one group's assignments go in its ``[E * C]`` buffer slots, both ways.
 
-
-def _slot_maps(idx: Array, slot: Array, kept: Array, e: int, c: int) -> tuple[Array, Array]:
-    """``flat [T*K]``: each assignment's slot in the ``[E*C]`` buffer (``E*C`` if dropped);
-    ``source [E*C]``: each slot's assignment (``T*K`` if empty). One group, no gradient."""
+    Args:
+      expert_index, slot, kept: ``[T, K]`` of a :class:`Routing` (one group).
+      num_experts, capacity: ``E`` and the buffer capacity ``C``.
+    Returns:
+      ``(position, source, placed)``: ``position [T*K]`` each assignment's slot (0 where
+      not placed), ``source [E*C]`` each slot's assignment (``T*K`` where empty), and
+      ``placed [T*K]`` (kept and within capacity). Each placed assignment owns one slot,
+      so the two maps invert each other and the row moves of
+      :func:`modjax.kernels.grouped_matmul.to_blocks` / ``from_blocks`` are gathers both
+      ways and in both gradients.
+    """
+    e, c = num_experts, capacity
     placed = (kept & (slot >= 0) & (slot < c)).reshape(-1)
-    flat = jnp.where(placed, (idx * c + slot).reshape(-1), e * c).astype(jnp.int32)
+    flat = jnp.where(placed, (expert_index * c + slot).reshape(-1), e * c).astype(jnp.int32)
     n = flat.shape[0]
     source = jnp.full((e * c + 1,), n, jnp.int32).at[flat].set(jnp.arange(n, dtype=jnp.int32))
-    return flat, source[: e * c]
-
-
-def _take_or_zero(rows: Array, index: Array) -> Array:
-    return jnp.take(rows, index, axis=0, mode="fill", fill_value=0)
-
-
-@jax.custom_vjp
-def _fill_slots(x: Array, flat: Array, source: Array) -> Array:
-    """``[T, D] -> [E*C, D]``: slot s holds ``x[source[s] // K]`` (zero when empty)."""
-    k = flat.shape[0] // x.shape[0]
-    return _take_or_zero(x, jnp.where(source < flat.shape[0], source // k, x.shape[0]))
-
-
-def _fill_slots_fwd(x, flat, source):
-    return _fill_slots(x, flat, source), (flat, source, x.shape[0])
-
-
-def _fill_slots_bwd(res, g):
-    flat, source, t = res
-    per_assignment = _take_or_zero(g, flat)  # dropped assignments read zero
-    return per_assignment.reshape(t, -1, g.shape[-1]).sum(1), None, None
-
-
-_fill_slots.defvjp(_fill_slots_fwd, _fill_slots_bwd)
-
-
-@jax.custom_vjp
-def _read_slots(buf: Array, flat: Array, source: Array) -> Array:
-    """``[E*C, D] -> [T*K, D]``: assignment a reads slot ``flat[a]`` (zero when dropped)."""
-    return _take_or_zero(buf, flat)
-
-
-def _read_slots_fwd(buf, flat, source):
-    return _read_slots(buf, flat, source), (flat, source)
-
-
-def _read_slots_bwd(res, g):
-    flat, source = res
-    return _take_or_zero(g, source), None, None  # empty slots get zero
-
-
-_read_slots.defvjp(_read_slots_fwd, _read_slots_bwd)
+    return jnp.where(placed, flat, 0), source[: e * c], placed
 
 
 def combine(expert_out: Array, routing: Routing | DenseRouting) -> Array:
@@ -180,8 +146,9 @@ def _combine_impl(expert_out: Array, routing: Routing | DenseRouting) -> Array:
     e, c = routing.num_experts, routing.buffer_capacity()
 
     def one(out, idx, slot, kept, weight):
-        flat, source = _slot_maps(idx, slot, kept, e, c)
-        rows = _read_slots(out.reshape(e * c, -1), flat, source).reshape(idx.shape + (-1,))
+        position, source, placed = slot_maps(idx, slot, kept, e, c)
+        rows = gm.from_blocks(out.reshape(e * c, -1), position, source, placed)
+        rows = rows.reshape(idx.shape + (-1,))
         return _weighted_sum(rows, kept, weight, out.dtype)
 
     return map_groups(
@@ -212,4 +179,4 @@ def combine_reference(expert_out: Array, routing: Routing) -> Array:
     )
 
 
-__all__ = ["combine", "combine_reference", "dispatch", "dispatch_reference"]
+__all__ = ["combine", "combine_reference", "dispatch", "dispatch_reference", "slot_maps"]
