@@ -20,9 +20,13 @@ Implementations (``impl=``), all computing the same function:
 * ``"pallas"``: Triton-lowered Pallas kernels (:mod:`modjax.kernels.pallas_gmm`), for
   GPUs; with ``interpret=True`` they run anywhere (slowly), which the tests use on CPU.
 * ``"mgpu"``: jax's own Hopper (Mosaic GPU, wgmma/TMA) ragged-dot kernels
-  (:mod:`modjax.kernels.mgpu_gmm`), bf16/f16 on NVIDIA Hopper GPUs only; opt-in while
-  it is being measured against ``"pallas"``.
-* ``"auto"`` (default): ``"pallas"`` on GPU, ``"xla"`` elsewhere.
+  (:mod:`modjax.kernels.mgpu_gmm`), bf16/f16 on NVIDIA Hopper GPUs only.
+* ``"auto"`` (default): chosen per primitive, from kernel timings on an H200
+  (``benchmarks/gmm_tiles.py``): on a GPU, ``"pallas"`` for :func:`gmm`, and for
+  :func:`tgmm` ``"mgpu"`` where it applies (Hopper, bf16/f16, widths multiples of 128;
+  1.4-2x the Pallas weight gradient) and ``"pallas"`` otherwise; for :func:`gmm` also
+  ``"mgpu"`` when both widths are at least 4096 (Mixtral-like experts, where it is
+  faster), ``"pallas"`` otherwise (faster at narrower widths); ``"xla"`` elsewhere.
 
 Inputs are bf16/f16/f32; products accumulate in float32 and are cast back to the
 operand dtype.
@@ -225,10 +229,9 @@ def _check_block_size(block_size) -> None:
 
 
 def _check_impl(impl: str) -> str:
+    """Validates ``impl``; ``"auto"`` stays as it is until :func:`_pick` sees the operands."""
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        return "pallas" if _on_gpu() else "xla"
     if impl == "mgpu" and not _on_gpu():
         raise ValueError(
             f"impl='mgpu' runs on NVIDIA Hopper GPUs only; the default backend is "
@@ -239,6 +242,23 @@ def _check_impl(impl: str) -> str:
 
 def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
+
+
+def _pick(impl: str, op: str, a: Array, b: Array, interpret: bool) -> str:
+    """The implementation that ``impl`` means for primitive ``op`` on operands ``a, b``."""
+    if impl != "auto":
+        return impl
+    if not _on_gpu():
+        return "xla"
+    if interpret:
+        return "pallas"
+    from modjax.kernels import mgpu_gmm
+
+    if op == "tgmm" and mgpu_gmm.supports_tgmm(a, b):
+        return "mgpu"
+    if op == "gmm" and mgpu_gmm.prefers_gmm(a, b):
+        return "mgpu"
+    return "pallas"
 
 
 def _check_dtype(name: str, a: Array) -> None:
@@ -365,6 +385,7 @@ def _tgmm_pallas(x, dy, layout, block_size, interpret):
 
 
 def _gmm_impl(x, w, layout, block_size, transpose_rhs, impl, interpret):
+    impl = _pick(impl, "gmm", x, w, interpret)
     if impl == "reference":
         return _gmm_reference(x, w, layout, block_size, transpose_rhs)
     if impl == "xla":
@@ -377,6 +398,7 @@ def _gmm_impl(x, w, layout, block_size, transpose_rhs, impl, interpret):
 
 
 def _tgmm_impl(x, dy, layout, block_size, impl, interpret):
+    impl = _pick(impl, "tgmm", x, dy, interpret)
     if impl == "reference":
         return _tgmm_reference(x, dy, layout, block_size)
     if impl == "xla":

@@ -7,6 +7,7 @@ reference implementation, random/skewed/empty groups.
 """
 
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -60,8 +61,9 @@ def test_mgpu_forward_and_gradients_lower_for_cuda(monkeypatch, transpose):
 def test_mgpu_errors_name_the_problem(monkeypatch):
     _, pos, src, layout, x, w = _case()
     xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
-    with pytest.raises(ValueError, match="impl='mgpu' runs on NVIDIA Hopper GPUs only"):
-        gm.gmm(xp, w, layout, block_size=128, impl="mgpu")
+    if not gm._on_gpu():  # on the H200 (MODJAX_GPU_TESTS=1) the backend is fine
+        with pytest.raises(ValueError, match="impl='mgpu' runs on NVIDIA Hopper GPUs only"):
+            gm.gmm(xp, w, layout, block_size=128, impl="mgpu")
     monkeypatch.setattr(gm, "_on_gpu", lambda: True)
     with pytest.raises(ValueError, match="takes bfloat16 or float16 operands; x is float32"):
         gm.gmm(xp.astype(jnp.float32), w.astype(jnp.float32), layout, block_size=128,
@@ -96,3 +98,45 @@ def test_mgpu_matches_reference_values_and_grads_on_gpu(kind, transpose):
     dw = gm.tgmm(xp, xp, layout, block_size=128, impl="mgpu")
     if kind == "empty":
         assert (np.asarray(dw[1]) == 0).all() and (np.asarray(dw[7]) == 0).all()
+
+
+def test_auto_takes_mgpu_for_the_weight_gradient_on_hopper_only(monkeypatch):
+    x = jnp.zeros((256, 256), jnp.bfloat16)
+    dy = jnp.zeros((256, 384), jnp.bfloat16)
+    if not gm._on_gpu():
+        assert gm._pick("auto", "tgmm", x, dy, False) == "xla"  # this CPU
+    monkeypatch.setattr(gm, "_on_gpu", lambda: True)
+    monkeypatch.setattr(mgpu_gmm, "on_hopper", lambda: False)  # e.g. an A100
+    assert gm._pick("auto", "tgmm", x, dy, False) == "pallas"
+    monkeypatch.setattr(mgpu_gmm, "on_hopper", lambda: True)
+    assert gm._pick("auto", "tgmm", x, dy, False) == "mgpu"
+    w = jnp.zeros((4, 256, 384), jnp.bfloat16)
+    assert gm._pick("auto", "gmm", x, w, False) == "pallas"  # faster at narrow widths
+    wide = jax.ShapeDtypeStruct((8, 4096, 14336), jnp.bfloat16)  # Mixtral's experts
+    xw = jax.ShapeDtypeStruct((1024, 4096), jnp.bfloat16)
+    assert gm._pick("auto", "gmm", xw, wide, False) == "mgpu"
+    assert gm._pick("auto", "gmm", xw, jax.ShapeDtypeStruct((8, 4096, 2048), jnp.bfloat16),
+                    False) == "pallas"  # fmt: skip
+    assert gm._pick("auto", "tgmm", x, dy, True) == "pallas"  # interpret: Pallas only
+    assert gm._pick("auto", "tgmm", x.astype(jnp.float32), dy.astype(jnp.float32), False) == (
+        "pallas"
+    )
+    assert gm._pick("auto", "tgmm", x, dy[:, :200], False) == "pallas"  # 200 % 128
+    assert gm._pick("pallas", "tgmm", x, dy, False) == "pallas"  # a forced impl stays
+
+
+def test_auto_gradient_lowers_with_pallas_gmm_and_mgpu_tgmm(monkeypatch):
+    monkeypatch.setattr(gm, "_on_gpu", lambda: True)
+    monkeypatch.setattr(mgpu_gmm, "on_hopper", lambda: True)
+    cpu = jax.devices()
+    monkeypatch.setattr(jax, "devices", lambda *a: [type("Gpu", (), {"core_count": 132})()]
+                        if not a else cpu)  # fmt: skip
+    _, pos, src, layout, x, w = _case()
+    fn = jax.jit(jax.value_and_grad(_loss("auto", layout, 128, src, pos), (0, 1)))
+    text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    # the weight gradient is a Mosaic GPU kernel; the forward and the input gradient are
+    # Triton (Pallas) kernels, which lower to "__gpu" custom calls (the "mgpu" impl: 3 Mosaic)
+    calls = re.findall(r"custom_call @(\w+)", text)
+    kernels = sorted("mosaic" if c.startswith("mosaic_gpu") else c for c in calls)
+    assert kernels == ["__gpu", "__gpu", "mosaic"], calls
+    assert text.count("modjax_gmm") >= 2 and "modjax_tgmm" not in text
