@@ -8,7 +8,8 @@ Dispatch (``strategy=``, see :mod:`modjax.computation.ffn`): ``"dropless"`` (def
 sort + grouped matmuls, MegaBlocks), ``"capacity"`` (gather/scatter into ``[E, C, D]``
 buffers, dropping over capacity), ``"einsum"`` (GShard/Switch one-hot reference). All
 three are equal whenever nothing is dropped. ``impl=`` picks the grouped-matmul
-implementation of ``"dropless"`` (``"auto"``: Pallas on GPU, XLA elsewhere).
+implementation of ``"dropless"`` (``"auto"``: on a GPU, Pallas and, on Hopper, Mosaic GPU
+kernels chosen per matmul; XLA elsewhere; see :mod:`modjax.kernels.grouped_matmul`).
 
 Expert parallelism: when the current mesh has an ``expert`` axis of size > 1 and the
 strategy is ``"dropless"``, the layer hands tokens, routing and the stacked expert
