@@ -104,25 +104,25 @@ def test_auto_takes_mgpu_for_the_weight_gradient_on_hopper_only(monkeypatch):
     x = jnp.zeros((256, 256), jnp.bfloat16)
     dy = jnp.zeros((256, 384), jnp.bfloat16)
     if not gm._on_gpu():
-        assert gm._pick("auto", "tgmm", x, dy, False) == "xla"  # this CPU
+        assert gm._pick("auto", "tgmm", x, dy, 128, False) == "xla"  # this CPU
     monkeypatch.setattr(gm, "_on_gpu", lambda: True)
     monkeypatch.setattr(mgpu_gmm, "on_hopper", lambda: False)  # e.g. an A100
-    assert gm._pick("auto", "tgmm", x, dy, False) == "pallas"
+    assert gm._pick("auto", "tgmm", x, dy, 128, False) == "pallas"
     monkeypatch.setattr(mgpu_gmm, "on_hopper", lambda: True)
-    assert gm._pick("auto", "tgmm", x, dy, False) == "mgpu"
+    assert gm._pick("auto", "tgmm", x, dy, 128, False) == "mgpu"
     w = jnp.zeros((4, 256, 384), jnp.bfloat16)
-    assert gm._pick("auto", "gmm", x, w, False) == "pallas"  # faster at narrow widths
+    assert gm._pick("auto", "gmm", x, w, 128, False) == "pallas"  # faster at narrow widths
     wide = jax.ShapeDtypeStruct((8, 4096, 14336), jnp.bfloat16)  # Mixtral's experts
     xw = jax.ShapeDtypeStruct((1024, 4096), jnp.bfloat16)
-    assert gm._pick("auto", "gmm", xw, wide, False) == "mgpu"
-    assert gm._pick("auto", "gmm", xw, jax.ShapeDtypeStruct((8, 4096, 2048), jnp.bfloat16),
-                    False) == "pallas"  # fmt: skip
-    assert gm._pick("auto", "tgmm", x, dy, True) == "pallas"  # interpret: Pallas only
-    assert gm._pick("auto", "tgmm", x.astype(jnp.float32), dy.astype(jnp.float32), False) == (
-        "pallas"
-    )
-    assert gm._pick("auto", "tgmm", x, dy[:, :200], False) == "pallas"  # 200 % 128
-    assert gm._pick("pallas", "tgmm", x, dy, False) == "pallas"  # a forced impl stays
+    assert gm._pick("auto", "gmm", xw, wide, 128, False) == "mgpu"
+    half = jax.ShapeDtypeStruct((8, 4096, 2048), jnp.bfloat16)
+    assert gm._pick("auto", "gmm", xw, half, 128, False) == "pallas"
+    assert gm._pick("auto", "tgmm", x, dy, 128, True) == "pallas"  # interpret: Pallas only
+    f32 = (x.astype(jnp.float32), dy.astype(jnp.float32))
+    assert gm._pick("auto", "tgmm", *f32, 128, False) == "pallas"
+    assert gm._pick("auto", "tgmm", x, dy[:, :200], 128, False) == "pallas"  # 200 % 128
+    assert gm._pick("auto", "tgmm", x, dy, 64, False) == "pallas"  # blocks the tests skip
+    assert gm._pick("pallas", "tgmm", x, dy, 128, False) == "pallas"  # a forced impl stays
 
 
 def test_auto_gradient_lowers_with_pallas_gmm_and_mgpu_tgmm(monkeypatch):
