@@ -18,7 +18,9 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import functools
 import math
 import time
 
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from modjax.computation import ffn as ffn_lib
+from modjax.kernels import grouped_matmul as gm
 from modjax.routing.types import Routing
 
 PRESETS = {
@@ -83,6 +86,33 @@ def ragged_dot_moe(x, routing, params):
     return jnp.einsum("tkd,tk->td", y, routing.weight.astype(dt)).astype(dt)
 
 
+def fused_expert_ffn_blocks(x, params, layout, *, activation, block_size, impl="auto",
+                            interpret=False):  # fmt: skip
+    """An experiment, not the library's path: the gated activation's input projections
+    as one grouped matmul on weights concatenated to ``[E, D, 2F]`` (x read once, one
+    input-gradient and one weight-gradient kernel instead of two each). Measured slower
+    on the 2-core CPU (2026-12-01: cpu-a fwd+bwd 334-365 ms against 289); on a GPU not yet.
+    ``moe_layer.py --methods dense,dropless,dropless+fused`` times it beside the library."""
+    names = ffn_lib.ACTIVATIONS[activation]
+    mm = functools.partial(
+        gm.gmm, layout=layout, block_size=block_size, impl=impl, interpret=interpret
+    )
+    h = mm(x, jnp.concatenate([params[n].astype(x.dtype) for n in names], axis=-1))
+    proj = dict(zip(names, jnp.split(h, len(names), axis=-1)))
+    return mm(ffn_lib._hidden(activation, proj), params["wo"].astype(x.dtype))
+
+
+@contextlib.contextmanager
+def fused_inputs():
+    """Trace ``moe_ffn``'s dropless path with :func:`fused_expert_ffn_blocks`."""
+    original = ffn_lib.expert_ffn_blocks
+    ffn_lib.expert_ffn_blocks = fused_expert_ffn_blocks
+    try:
+        yield
+    finally:
+        ffn_lib.expert_ffn_blocks = original
+
+
 def build(method, t, k, e, dtype):
     s = min(GROUP_SIZE, t)
     capacity = math.ceil(CAPACITY_FACTOR * s * k / e)
@@ -103,8 +133,10 @@ def build(method, t, k, e, dtype):
         routing = make_routing(logits, k)
         if method == "ragged_dot":
             return ragged_dot_moe(x, routing, params)
-        strategy, _, impl = method.partition(":")  # "dropless:xla" forces an impl
-        return ffn_lib.moe_ffn(x, routing, params, strategy=strategy, impl=impl or "auto")
+        name, _, impl = method.partition(":")  # "dropless:xla" forces an impl
+        strategy, _, variant = name.partition("+")  # "dropless+fused": the experiment
+        with fused_inputs() if variant == "fused" else contextlib.nullcontext():
+            return ffn_lib.moe_ffn(x, routing, params, strategy=strategy, impl=impl or "auto")
 
     def loss(x, logits, params):
         return jnp.sum(fwd(x, logits, params).astype(jnp.float32) ** 2)
@@ -206,7 +238,8 @@ def main():
     p.add_argument(
         "--methods",
         default="dense,einsum,capacity,ragged_dot,dropless",
-        help="comma list; dropless:IMPL forces a grouped-matmul impl (e.g. dropless:xla)",
+        help="comma list; dropless:IMPL forces a grouped-matmul impl (e.g. dropless:xla); "
+        "dropless+fused[:IMPL] is the fused-input-projection experiment",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")
