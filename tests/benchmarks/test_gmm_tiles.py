@@ -1,0 +1,48 @@
+"""benchmarks/gmm_tiles.py off the GPU: each kind's operands are the grouped matmul it
+names (checked against the reference implementation and its dense twin's FLOPs), and the
+summary table picks the fastest configuration of each implementation."""
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import gmm_tiles
+from modjax.kernels import grouped_matmul as gm
+
+
+@pytest.mark.parametrize("kind", gmm_tiles.KINDS)
+def test_operands_match_the_kind_and_flops(kind):
+    t, d, f, e, k = 256, 64, 128, 4, 2
+    layout, a, b, dense, flops = gmm_tiles._operands(kind, t, d, f, e, k, jax.random.PRNGKey(0))
+    assert flops == 2 * t * k * d * f  # real rows only
+    assert 2 * dense[0].shape[0] * dense[0].shape[1] * dense[1].shape[1] == flops
+    bs = gmm_tiles.BS
+    if kind.startswith("tg"):
+        out = gm.tgmm(a, b, layout, block_size=bs, impl="reference")
+        widths = {"tg_up": (d, f), "tg_down": (f, d)}[kind]
+        assert out.shape == (e, *widths)
+    else:
+        trans = kind.endswith("_t")
+        out = gm.gmm(a, b, layout, block_size=bs, transpose_rhs=trans, impl="reference")
+        assert out.shape == (a.shape[0], f if kind in ("up", "up_t") else d)
+    used = int(layout.group_start[-1]) * bs
+    assert not np.asarray(a[used:]).any()  # padding rows are zero
+
+
+def test_best_table_takes_the_fastest_of_each_impl():
+    rows = [
+        {"shape": "s", "kind": "up", "impl": "dense", "tiles": None, "ms": 1.0, "tflops": 700},
+        {"shape": "s", "kind": "up", "impl": "pallas", "tiles": {"bk": 64}, "ms": 2, "tflops": 350},
+        {"shape": "s", "kind": "up", "impl": "pallas", "tiles": {"bk": 32}, "ms": 1.5,
+         "tflops": 466},
+        {"shape": "s", "kind": "up", "impl": "mgpu", "tiles": {"block_m": 64}, "error": "smem"},
+        {"shape": "s", "kind": "up", "impl": "mgpu", "tiles": {"block_m": 128}, "ms": 1.4,
+         "tflops": 500},
+    ]  # fmt: skip
+    line = gmm_tiles.best_table(rows).splitlines()[-1]
+    assert line == "| s | up | 700 | 350 | 466 {'bk': 32} | 500 {'block_m': 128} |"
+
+
+def test_unknown_shape_is_named():
+    with pytest.raises(ValueError, match="--shapes: unknown shape 'tiny'"):
+        gmm_tiles.main(["--shapes", "olmoe,tiny"])
