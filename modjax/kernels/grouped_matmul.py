@@ -21,12 +21,11 @@ Implementations (``impl=``), all computing the same function:
   GPUs; with ``interpret=True`` they run anywhere (slowly), which the tests use on CPU.
 * ``"mgpu"``: jax's own Hopper (Mosaic GPU, wgmma/TMA) ragged-dot kernels
   (:mod:`modjax.kernels.mgpu_gmm`), bf16/f16 on NVIDIA Hopper GPUs only.
-* ``"auto"`` (default): chosen per primitive, from kernel timings on an H200
-  (``benchmarks/gmm_tiles.py``): on a GPU, ``"pallas"`` for :func:`gmm`, and for
-  :func:`tgmm` ``"mgpu"`` where it applies (Hopper, bf16/f16, widths multiples of 128;
-  1.4-2x the Pallas weight gradient) and ``"pallas"`` otherwise; for :func:`gmm` also
-  ``"mgpu"`` when both widths are at least 4096 (Mixtral-like experts, where it is
-  faster), ``"pallas"`` otherwise (faster at narrower widths); ``"xla"`` elsewhere.
+* ``"auto"`` (default): ``"xla"`` off the GPU; on a GPU, chosen per primitive from kernel
+  timings on an H200 (``benchmarks/gmm_tiles.py``): ``"mgpu"`` for :func:`tgmm` where it
+  applies (Hopper, bf16/f16, widths multiples of 128: 1.4-2x the Pallas weight
+  gradient), ``"mgpu"`` for :func:`gmm` only when both widths are at least 4096
+  (Mixtral-like experts; at narrower widths Pallas is faster), ``"pallas"`` otherwise.
 
 Inputs are bf16/f16/f32; products accumulate in float32 and are cast back to the
 operand dtype.

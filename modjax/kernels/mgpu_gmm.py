@@ -24,8 +24,8 @@ Tiles are module defaults (``TILES``, ``T_TILES``), overridable per call; they c
 ``benchmarks/gmm_tiles.py`` on an H200 (``benchmarks/RESULTS.md``). With its tiles
 ``tgmm`` runs at 520-600 TFLOP/s at the issue's OLMoE and Mixtral shapes, against 260-410
 for the Triton-lowered Pallas ``tgmm``, so ``impl="auto"`` takes it for the weight
-gradient on Hopper (:func:`supports_tgmm`); for ``gmm`` the Pallas kernel is as fast or
-faster there, and stays the default.
+gradient on Hopper (:func:`supports_tgmm`). ``gmm`` is faster than the Pallas kernel only
+on wide experts (:func:`prefers_gmm`), where ``auto`` takes it too.
 """
 
 from __future__ import annotations
