@@ -24,6 +24,8 @@
 #     table of the issue's three shapes (the default impl="auto", all-Pallas, all-Mosaic-GPU
 #     and the fused-input-projection experiment for comparison), the mgpu GPU tests, and
 #     the gather-only row moves against scatter-add gradients (block_moves.py)
+#   SWEEP=moeprof bash benchmarks/h200_sweep.sh   # where the dropless layer's time goes
+#     (~3 min): traces of dense and dropless fwd+bwd at the three shapes, tabled by op
 #   SWEEP=tiles bash benchmarks/h200_sweep.sh     # the grouped-matmul kernel tile sweep
 #     (gmm_tiles.py, ~4 min): where impl="auto"'s choices and the kernels' tiles come from
 set -u
@@ -44,6 +46,16 @@ if [[ "${SWEEP:-train}" == tiles ]]; then
   timeout 540 python3 benchmarks/gmm_tiles.py --shapes olmoe,mixtral,small --budget 480 \
     --out "$OUT/gmm_tiles.jsonl" > "$OUT/gmm_tiles.log" 2>&1
   cat "$OUT/env.txt"; sed -n '/^device/,$p' "$OUT/gmm_tiles.log"
+  exit 0
+fi
+if [[ "${SWEEP:-train}" == moeprof ]]; then
+  XLA_FLAGS="$NOCB" timeout 400 python3 benchmarks/moe_layer.py --preset gpu --iters 10 \
+    --methods dense,dropless --profile "$OUT/prof" > "$OUT/moe_prof.log" 2>&1
+  for d in "$OUT"/prof/*/; do  # the tables come back; the nested trace directories do not
+    python3 benchmarks/trace_summary.py "$d" --steps 3 --top 25 > "$OUT/trace_$(basename "$d").md" 2>&1
+  done
+  cat "$OUT/env.txt"; grep -E "^###|^\| (dense|dropless)" "$OUT/moe_prof.log"
+  for f in "$OUT"/trace_*-dropless.md; do echo "== $f"; sed -n '/| kind/,/^$/p' "$f"; done
   exit 0
 fi
 if [[ "${SWEEP:-train}" == moe ]]; then

@@ -22,6 +22,7 @@ import contextlib
 import datetime
 import functools
 import math
+import os
 import time
 
 import jax
@@ -182,7 +183,19 @@ def temp_bytes(fn, args):
         return -1
 
 
-def run_shape(name, t, d, f, e, k, dtype, methods, iters, log):
+def profile_fn(fn, args, path, calls=3):
+    """A profiler trace of ``calls`` calls of ``fn`` (compiled and warm) under ``path``;
+    ``python benchmarks/trace_summary.py PATH --steps 3`` tables it by op."""
+    jax.block_until_ready(fn(*args))
+    jax.profiler.start_trace(path)
+    try:
+        for _ in range(calls):
+            jax.block_until_ready(fn(*args))
+    finally:
+        jax.profiler.stop_trace()
+
+
+def run_shape(name, t, d, f, e, k, dtype, methods, iters, log, profile=""):
     key = jax.random.PRNGKey(0)
     flops = 6 * t * k * d * f
     rows = []
@@ -202,6 +215,10 @@ def run_shape(name, t, d, f, e, k, dtype, methods, iters, log):
                 log(f"{name} {method} {mode}: failed: {type(err).__name__}: {str(err)[:200]}")
                 ms, mem = float("nan"), -1
             res[mode] = (ms, mult * flops / ms / 1e9, mem)
+            if profile and mode == "fwd+bwd" and not skewed and not math.isnan(ms):
+                path = os.path.join(profile, f"{name}-{method.replace(':', '_')}")
+                profile_fn(fn, args, path)
+                log(f"{name} {method} fwd+bwd: trace of 3 calls in {path}")
             if method == "dense":
                 dense_ms[mode] = ms
         label = method + (" (skewed 80%->2)" if skewed else "")
@@ -229,7 +246,7 @@ def _tiles():
     return pallas_gmm.TILES
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=sorted(PRESETS))
     p.add_argument("--shape", help="T,D,F,E,k (instead of a preset)")
@@ -244,7 +261,13 @@ def main():
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")
     p.add_argument("--tiles", help="Pallas tiles, e.g. bk=64,bn=128,num_warps=8,num_stages=4")
-    a = p.parse_args()
+    p.add_argument(
+        "--profile",
+        default="",
+        help="after timing, write a profiler trace of 3 fwd+bwd calls of each method to "
+        "PROFILE/<shape>-<method> (for benchmarks/trace_summary.py)",
+    )
+    a = p.parse_args(argv)
     if a.tiles:
         from modjax.kernels import pallas_gmm
 
@@ -271,7 +294,7 @@ def main():
         with open(a.out, "a") as fh:
             fh.write(header + "\n")
     for shape in shapes:
-        tables.append(run_shape(*shape, dtype, methods, a.iters, print))
+        tables.append(run_shape(*shape, dtype, methods, a.iters, print, a.profile))
         if a.out:  # each shape as it finishes: a run cut short keeps what it measured
             with open(a.out, "a") as fh:
                 fh.write(tables[-1] + "\n")

@@ -25,3 +25,14 @@ def test_fused_experiment_equals_the_library_path(impl):
     assert float(jnp.abs(ga[2]["wi_gate"]).max()) > 0  # the gradients are not trivially 0
     # the library's own function is back in place after the experiment traced
     assert moe_layer.ffn_lib.expert_ffn_blocks is not moe_layer.fused_expert_ffn_blocks
+
+
+def test_profile_writes_a_trace_that_trace_summary_reads(tmp_path, capsys):
+    from benchmarks import trace_summary
+
+    moe_layer.main(["--shape", "64,16,32,4,2", "--dtype", "float32", "--iters", "2",
+                    "--methods", "dense,dropless", "--profile", str(tmp_path)])  # fmt: skip
+    assert "| dropless |" in capsys.readouterr().out
+    table = trace_summary.main([str(tmp_path / "custom-dropless"), "--steps", "3"])
+    assert "busy ms / step" in table and "| `" in table  # ops were found and tabled
+    assert (tmp_path / "custom-dense").is_dir()
