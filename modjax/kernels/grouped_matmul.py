@@ -39,6 +39,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from modjax.kernels import mgpu_gmm
 from modjax.typing import Array
 
 IMPLS = ("auto", "reference", "xla", "pallas", "mgpu")
@@ -255,8 +256,6 @@ def _pick(impl: str, op: str, a: Array, b: Array, block_size: int, interpret: bo
         return "xla"
     if interpret or block_size % 128:
         return "pallas"
-    from modjax.kernels import mgpu_gmm
-
     if op == "tgmm" and mgpu_gmm.supports_tgmm(a, b):
         return "mgpu"
     if op == "gmm" and mgpu_gmm.prefers_gmm(a, b):
@@ -394,8 +393,6 @@ def _gmm_impl(x, w, layout, block_size, transpose_rhs, impl, interpret):
     if impl == "xla":
         return _gmm_xla(x, w, layout, block_size, transpose_rhs)
     if impl == "mgpu":
-        from modjax.kernels import mgpu_gmm
-
         return mgpu_gmm.gmm(x, w, layout, block_size=block_size, transpose_rhs=transpose_rhs)
     return _gmm_pallas(x, w, layout, block_size, transpose_rhs, interpret)
 
@@ -407,8 +404,6 @@ def _tgmm_impl(x, dy, layout, block_size, impl, interpret):
     if impl == "xla":
         return _tgmm_xla(x, dy, layout, block_size)
     if impl == "mgpu":
-        from modjax.kernels import mgpu_gmm
-
         return mgpu_gmm.tgmm(x, dy, layout, block_size=block_size)
     return _tgmm_pallas(x, dy, layout, block_size, interpret)
 

@@ -54,16 +54,16 @@ def on_hopper() -> bool:
     return dev.platform == "gpu" and str(getattr(dev, "compute_capability", "")).startswith("9")
 
 
+def _runs_here(a: Array, b: Array) -> bool:
+    """On a Hopper GPU, with one bf16/f16 dtype for both operands."""
+    return on_hopper() and a.dtype in DTYPES and a.dtype == b.dtype
+
+
 def supports_tgmm(x: Array, dy: Array, tiles=None) -> bool:
     """Whether :func:`tgmm` takes these operands (what ``impl="auto"`` asks on a GPU)."""
     t = {**T_TILES, **(tiles or {})}
-    return (
-        on_hopper()
-        and x.dtype in DTYPES
-        and x.dtype == dy.dtype
-        and x.shape[1] % t["block_m"] == 0
-        and dy.shape[1] % t["block_n"] == 0
-    )
+    widths_fit = x.shape[1] % t["block_m"] == 0 and dy.shape[1] % t["block_n"] == 0
+    return widths_fit and _runs_here(x, dy)
 
 
 #: :func:`gmm` beats the Pallas kernel only on wide operands: on the H200, at the Mixtral
@@ -76,12 +76,8 @@ def prefers_gmm(x: Array, w: Array) -> bool:
     """Whether ``impl="auto"`` takes :func:`gmm` for ``x [M, K]`` and weights ``w``: on
     Hopper, bf16/f16, both widths at least :data:`GMM_MIN_WIDTH` and tile multiples."""
     widths = w.shape[1:]  # (K, N) or, transposed, (N, K)
-    return (
-        on_hopper()
-        and x.dtype in DTYPES
-        and x.dtype == w.dtype
-        and all(d >= GMM_MIN_WIDTH and d % TILES["block_n"] == 0 for d in widths)
-    )
+    wide = all(d >= GMM_MIN_WIDTH and d % TILES["block_n"] == 0 for d in widths)
+    return wide and _runs_here(x, w)
 
 
 def _band(n: int, t: dict, given) -> dict:
