@@ -28,6 +28,7 @@ whole sweep: what is left is skipped and said so (the table keeps what was measu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import json
 import time
@@ -37,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from modjax.kernels import grouped_matmul as gm
+from modjax.kernels import mgpu_block_gmm
 
 SHAPES = {  # T, D, F, E, k (the issue's three H200 shapes)
     "small": (8192, 512, 2048, 16, 2),
@@ -65,6 +67,12 @@ MGPU_TGMM = [
     for (bm, bn), s, g in itertools.product([(128, 128), (64, 256)], [2, 4], [1, 8])
 ]
 
+BLOCK_GMM = [  # modjax's own warp-specialised kernel (forward and input-gradient kinds)
+    mgpu_block_gmm.Tiles(tile_n=128, stages=st, band=b, minor=mn)
+    for st, b, mn in itertools.product([4, 3], [8, 16], ["n", "m"])
+] + [mgpu_block_gmm.Tiles(tile_n=64, stages=6), mgpu_block_gmm.Tiles(tile_k=128, stages=2)]
+IMPLS = ("pallas", "mgpu", "block")
+
 
 def _operands(kind, t, d, f, e, k, key):
     """The kernel's operands, its dense twin's, and the widths (K, N) of the kind."""
@@ -91,12 +99,21 @@ def _operands(kind, t, d, f, e, k, key):
 def _call(kind, impl, tiles, layout):
     from modjax.kernels import mgpu_gmm, pallas_gmm
 
+    if impl == "block":
+        trans = kind.endswith("_t")
+        used = layout.group_start[-1]
+        return jax.jit(
+            lambda a, b: mgpu_block_gmm.gmm(
+                a, b, layout.block_group, used, transpose_rhs=trans, tiles=tiles
+            )
+        )
     mod = mgpu_gmm if impl == "mgpu" else pallas_gmm
     if kind.startswith("tg"):
         return jax.jit(lambda a, b: mod.tgmm(a, b, layout, block_size=BS, tiles=tiles))
     trans = kind.endswith("_t")
+    extra = {"kernel": "ragged"} if impl == "mgpu" else {}  # "mgpu": jax's ragged dot
     return jax.jit(
-        lambda a, b: mod.gmm(a, b, layout, block_size=BS, transpose_rhs=trans, tiles=tiles)
+        lambda a, b: mod.gmm(a, b, layout, block_size=BS, transpose_rhs=trans, tiles=tiles, **extra)
     )
 
 
@@ -109,24 +126,31 @@ def _time(fn, args, iters):
     return (time.perf_counter() - t0) / iters * 1e3
 
 
-def sweep(shapes, iters, budget, log):
+def _candidates(kind, impls):
+    tg = kind.startswith("tg")
+    table = {
+        "pallas": PALLAS_TGMM if tg else PALLAS_GMM,
+        "mgpu": MGPU_TGMM if tg else MGPU_GMM,
+        "block": [] if tg else BLOCK_GMM,  # no weight-gradient kernel of its own
+    }
+    return [("dense", None)] + [(impl, c) for impl in impls for c in table[impl]]
+
+
+def sweep(shapes, iters, budget, log, impls=IMPLS, kinds=KINDS):
     start = time.perf_counter()
     rows = []
     for name in shapes:
         t, d, f, e, k = SHAPES[name]
-        for kind in KINDS:
+        for kind in kinds:
             layout, a, b, dense, flops = _operands(kind, t, d, f, e, k, jax.random.PRNGKey(1))
-            tg = kind.startswith("tg")
             dense_fn = jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.bfloat16))
-            cands = [("dense", None)]
-            cands += [("pallas", c) for c in (PALLAS_TGMM if tg else PALLAS_GMM)]
-            cands += [("mgpu", c) for c in (MGPU_TGMM if tg else MGPU_GMM)]
-            for impl, tiles in cands:
+            for impl, tiles in _candidates(kind, impls):
                 if time.perf_counter() - start > budget:
                     skip = {"shape": name, "kind": kind, "impl": impl, "skipped": "budget"}
                     log(json.dumps(skip))
                     continue
-                row = {"shape": name, "kind": kind, "impl": impl, "tiles": tiles}
+                shown = dataclasses.asdict(tiles) if dataclasses.is_dataclass(tiles) else tiles
+                row = {"shape": name, "kind": kind, "impl": impl, "tiles": shown}
                 try:
                     fn = dense_fn if impl == "dense" else _call(kind, impl, tiles, layout)
                     ms = _time(fn, dense if impl == "dense" else (a, b), iters)
@@ -141,8 +165,8 @@ def sweep(shapes, iters, budget, log):
 def best_table(rows):
     lines = [
         "| shape | kind | dense TFLOP/s | pallas default | best pallas (tiles) "
-        "| best mgpu (tiles) |",
-        "|---|---|---|---|---|---|",
+        "| best mgpu (tiles) | best block (tiles) |",
+        "|---|---|---|---|---|---|---|",
     ]
     keyed = {}
     for r in rows:
@@ -154,9 +178,11 @@ def best_table(rows):
         dense = next((r for r in rs if r["impl"] == "dense"), None)
         pal = [r for r in rs if r["impl"] == "pallas"]
         mg = [r for r in rs if r["impl"] == "mgpu"]
+        blk = [r for r in rs if r["impl"] == "block"]
         lines.append(
             f"| {shape} | {kind} | {dense['tflops'] if dense else '-'} | "
-            f"{pal[0]['tflops'] if pal else '-'} | {fmt(best(pal))} | {fmt(best(mg))} |"
+            f"{pal[0]['tflops'] if pal else '-'} | {fmt(best(pal))} | {fmt(best(mg))} "
+            f"| {fmt(best(blk))} |"
         )
     return "\n".join(lines)
 
@@ -166,12 +192,19 @@ def main(argv=None):
     p.add_argument("--shapes", default="olmoe,mixtral,small")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--budget", type=float, default=420.0, help="seconds for the whole sweep")
+    p.add_argument("--impls", default=",".join(IMPLS), help=f"kernels to sweep, of {IMPLS}")
+    p.add_argument("--kinds", default=",".join(KINDS), help=f"matmuls to time, of {KINDS}")
     p.add_argument("--out", help="append each measurement to this JSONL file")
     a = p.parse_args(argv)
     names = a.shapes.split(",")
     for n in names:
         if n not in SHAPES:
             raise ValueError(f"--shapes: unknown shape {n!r}; known: {sorted(SHAPES)}")
+    impls, kinds = a.impls.split(","), a.kinds.split(",")
+    for flag, got, known in (("--impls", impls, IMPLS), ("--kinds", kinds, KINDS)):
+        bad = [x for x in got if x not in known]
+        if bad:
+            raise ValueError(f"{flag}: unknown {bad}; known: {list(known)}")
     fh = open(a.out, "a") if a.out else None
 
     def log(line):
@@ -180,7 +213,7 @@ def main(argv=None):
             fh.write(line + "\n")
             fh.flush()
 
-    rows = sweep(names, a.iters, a.budget, log)
+    rows = sweep(names, a.iters, a.budget, log, impls, kinds)
     print(f"\ndevice: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     print(best_table(rows))
     return rows

@@ -19,13 +19,14 @@ Implementations (``impl=``), all computing the same function:
   at a time (the CPU path).
 * ``"pallas"``: Triton-lowered Pallas kernels (:mod:`modjax.kernels.pallas_gmm`), for
   GPUs; with ``interpret=True`` they run anywhere (slowly), which the tests use on CPU.
-* ``"mgpu"``: jax's own Hopper (Mosaic GPU, wgmma/TMA) ragged-dot kernels
-  (:mod:`modjax.kernels.mgpu_gmm`), bf16/f16 on NVIDIA Hopper GPUs only.
+* ``"mgpu"``: Hopper (Mosaic GPU, wgmma/TMA) kernels (:mod:`modjax.kernels.mgpu_gmm`):
+  modjax's warp-specialised block kernel for :func:`gmm`, jax's ragged-dot kernels for
+  :func:`tgmm` and odd widths; bf16/f16 on NVIDIA Hopper GPUs only.
 * ``"auto"`` (default): ``"xla"`` off the GPU; on a GPU, chosen per primitive from kernel
   timings on an H200 (``benchmarks/gmm_tiles.py``): ``"mgpu"`` for :func:`tgmm` where it
   applies (Hopper, bf16/f16, widths multiples of 128: 1.4-2x the Pallas weight
-  gradient), ``"mgpu"`` for :func:`gmm` only when both widths are at least 4096
-  (Mixtral-like experts; at narrower widths Pallas is faster), ``"pallas"`` otherwise.
+  gradient), ``"mgpu"`` for :func:`gmm` when the contraction is at least 2048 wide
+  (shorter ones run faster in Pallas), ``"pallas"`` otherwise.
 
 Inputs are bf16/f16/f32; products accumulate in float32 and are cast back to the
 operand dtype.
@@ -244,7 +245,9 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
-def _pick(impl: str, op: str, a: Array, b: Array, block_size: int, interpret: bool) -> str:
+def _pick(
+    impl: str, op: str, a: Array, b: Array, block_size: int, interpret: bool, transpose_rhs=False
+) -> str:
     """The implementation that ``impl`` means for primitive ``op`` on operands ``a, b``.
 
     On a GPU, "auto" takes a Mosaic GPU kernel only in the configuration its GPU tests
@@ -258,7 +261,7 @@ def _pick(impl: str, op: str, a: Array, b: Array, block_size: int, interpret: bo
         return "pallas"
     if op == "tgmm" and mgpu_gmm.supports_tgmm(a, b):
         return "mgpu"
-    if op == "gmm" and mgpu_gmm.prefers_gmm(a, b):
+    if op == "gmm" and mgpu_gmm.prefers_gmm(a, b, transpose_rhs):
         return "mgpu"
     return "pallas"
 
@@ -387,7 +390,7 @@ def _tgmm_pallas(x, dy, layout, block_size, interpret):
 
 
 def _gmm_impl(x, w, layout, block_size, transpose_rhs, impl, interpret):
-    impl = _pick(impl, "gmm", x, w, block_size, interpret)
+    impl = _pick(impl, "gmm", x, w, block_size, interpret, transpose_rhs)
     if impl == "reference":
         return _gmm_reference(x, w, layout, block_size, transpose_rhs)
     if impl == "xla":

@@ -1,31 +1,32 @@
-"""Grouped matmuls through jax's Hopper (Mosaic GPU) ragged-dot kernels.
+"""Grouped matmuls on NVIDIA Hopper through Mosaic GPU kernels (``impl="mgpu"``).
 
-jax ships warp-specialised wgmma/TMA kernels for ragged matmuls in
-``jax.experimental.pallas.ops.gpu``: ``ragged_dot_mgpu.ragged_dot`` (``[M, K] x [G, K, N]``
-with variable row groups, optionally ``[G, N, K]`` transposed) and
-``transposed_ragged_dot_mgpu.transposed_ragged_dot`` (per-group ``x^T dy``). This module
-adapts them to :mod:`modjax.kernels.grouped_matmul`'s block-padded layout (the groups are
-the layout's blocks, so every group is a whole number of ``block_size`` rows), for
-``impl="mgpu"``. They compile for NVIDIA Hopper GPUs only (sm_90a), bf16 or f16.
+* :func:`gmm` (forward and input gradient) runs modjax's own warp-specialised block kernel,
+  :mod:`modjax.kernels.mgpu_block_gmm`, where its tiles fit (128-row blocks, output width
+  a multiple of 256), and jax's ``ragged_dot_mgpu.ragged_dot`` otherwise;
+* :func:`tgmm` (per-group weight gradient ``x^T dy``) runs jax's
+  ``transposed_ragged_dot_mgpu.transposed_ragged_dot``.
+
+jax's kernels take ragged row groups; here the groups are the layout's blocks, so every
+group is a whole number of ``block_size`` rows. They compile for Hopper only (sm_90a),
+bf16 or f16.
 
 Differences from the other implementations, all handled here:
 
-* rows past the used blocks are never written by the kernel; :func:`gmm` zeroes them (a
+* rows past the used blocks are never written by the kernels; :func:`gmm` zeroes them (a
   select that XLA fuses into the consumer);
 * ``transposed_ragged_dot`` returns the weight gradient in the operand dtype (float32
   accumulation inside, rounded once at the end); :func:`tgmm` casts it to float32 to
   keep :func:`~modjax.kernels.grouped_matmul.tgmm`'s contract, but its precision is the
   operand dtype's (bf16: relative 2^-9), where the Pallas and XLA paths keep float32;
-* tile sizes must divide the widths: ``K % block_k == 0`` and ``N % block_n == 0`` for
-  :func:`gmm`; ``K % block_m == 0`` and ``N % block_n == 0`` for :func:`tgmm`
-  (``[rows, K] x [rows, N]``). Checked with an error naming the width and the tile.
+* tile sizes must divide the widths; checked with an error naming the width and the tile.
 
-Tiles are module defaults (``TILES``, ``T_TILES``), overridable per call; they come from
-``benchmarks/gmm_tiles.py`` on an H200 (``benchmarks/RESULTS.md``). With its tiles
-``tgmm`` runs at 520-600 TFLOP/s at the issue's OLMoE and Mixtral shapes, against 260-410
-for the Triton-lowered Pallas ``tgmm``, so ``impl="auto"`` takes it for the weight
-gradient on Hopper (:func:`supports_tgmm`). ``gmm`` is faster than the Pallas kernel only
-on wide experts (:func:`prefers_gmm`), where ``auto`` takes it too.
+Tiles are module defaults (``TILES``, ``T_TILES``, ``mgpu_block_gmm.TILES``), overridable
+per call; they come from ``benchmarks/gmm_tiles.py`` on an H200 (``benchmarks/RESULTS.md``).
+There ``tgmm`` runs at 520-600 TFLOP/s at the issue's OLMoE and Mixtral shapes, against
+260-410 for the Triton-lowered Pallas ``tgmm``, so ``impl="auto"`` takes it for the weight
+gradient on Hopper (:func:`supports_tgmm`). The block ``gmm`` runs at 650-725 TFLOP/s on
+Mixtral's widths (Pallas: 580-610) but loses to Pallas on short contractions, so ``auto``
+takes it from ``K >= 2048`` (:func:`prefers_gmm`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from modjax.kernels import mgpu_block_gmm
 from modjax.typing import Array
 
 #: ``ragged_dot`` tiles (forward and input gradient): 128x128 output tiles over 64-wide
@@ -66,17 +68,18 @@ def supports_tgmm(x: Array, dy: Array, tiles=None) -> bool:
     return widths_fit and _runs_here(x, dy)
 
 
-#: :func:`gmm` beats the Pallas kernel only on wide operands: on the H200, at the Mixtral
-#: shape (K, N >= 4096) the dropless layer's forward ran 1.09x faster with it; at OLMoE's
-#: (2048, 1024) its ragged dot ran at 380-480 TFLOP/s against Pallas's 520-560.
-GMM_MIN_WIDTH = 4096
+#: The block kernel (:mod:`~modjax.kernels.mgpu_block_gmm`) beats the Pallas kernel once
+#: the contraction is this wide. Each output tile fills and drains its own pipeline, so
+#: short contractions pay more for it. On the H200 at K=1024 it ran at 470 TFLOP/s against
+#: Pallas's 520; at K=2048, 570-577 against 560; at 4096-14336, 650-725 against 580-610.
+GMM_MIN_K = 2048
 
 
-def prefers_gmm(x: Array, w: Array) -> bool:
+def prefers_gmm(x: Array, w: Array, transpose_rhs: bool = False) -> bool:
     """Whether ``impl="auto"`` takes :func:`gmm` for ``x [M, K]`` and weights ``w``: on
-    Hopper, bf16/f16, both widths at least :data:`GMM_MIN_WIDTH` and tile multiples."""
-    widths = w.shape[1:]  # (K, N) or, transposed, (N, K)
-    wide = all(d >= GMM_MIN_WIDTH and d % TILES["block_n"] == 0 for d in widths)
+    Hopper, bf16/f16, the block kernel's tiles fit and ``K >= GMM_MIN_K``."""
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    wide = x.shape[1] >= GMM_MIN_K and mgpu_block_gmm.fits(x.shape[1], n)
     return wide and _runs_here(x, w)
 
 
@@ -95,7 +98,7 @@ def _group_rows(layout, block_size: int) -> Array:
     return ((layout.group_start[1:] - layout.group_start[:-1]) * block_size).astype(jnp.int32)
 
 
-def _check(x: Array, other: Array, checks: list[tuple[str, int, str, int]]) -> None:
+def check_operands(x: Array, other: Array, checks: list[tuple[str, int, str, int]]) -> None:
     for name, a in (("x", x), ("w/dy", other)):
         if a.dtype not in DTYPES:
             raise ValueError(
@@ -111,17 +114,41 @@ def _check(x: Array, other: Array, checks: list[tuple[str, int, str, int]]) -> N
             )
 
 
-def gmm(x: Array, w: Array, layout, *, block_size: int, transpose_rhs: bool, tiles=None):
+def gmm(
+    x: Array,
+    w: Array,
+    layout,
+    *,
+    block_size: int,
+    transpose_rhs: bool,
+    tiles=None,
+    kernel: str | None = None,
+):
     """``out[rows of g] = x[rows of g] @ w[g]`` (``w[g].T`` with ``transpose_rhs``);
-    rows of unused blocks are zero."""
-    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+    rows of unused blocks are zero.
 
+    ``kernel``: ``"block"`` (modjax's :mod:`~modjax.kernels.mgpu_block_gmm`, ``tiles`` a
+    ``Tiles``), ``"ragged"`` (jax's ``ragged_dot_mgpu``, ``tiles`` a dict like
+    :data:`TILES`), or None: the block kernel where its tiles fit (128-row blocks, N a
+    multiple of 256), the ragged one otherwise.
+    """
     k = x.shape[1]
     n = w.shape[1] if transpose_rhs else w.shape[2]
+    if kernel is None:
+        block = block_size == mgpu_block_gmm.BLOCK_M and mgpu_block_gmm.fits(k, n)
+        kernel = "block" if block else "ragged"
+    if kernel == "block":
+        used = layout.group_start[-1]
+        return mgpu_block_gmm.gmm(x, w, layout.block_group, used, block_size=block_size,
+                                  transpose_rhs=transpose_rhs, tiles=tiles)  # fmt: skip
+    if kernel != "ragged":
+        raise ValueError(f"kernel must be 'block', 'ragged' or None, got {kernel!r}")
+    from jax.experimental.pallas.ops.gpu import ragged_dot_mgpu
+
     t = _band(n, {**TILES, **(tiles or {})}, tiles)
     n_tile = t["block_n"] * t["grid_block_n"]
-    _check(x, w, [("K (x width)", k, "block_k", t["block_k"]),
-                  ("N (output width)", n, "block_n", n_tile)])  # fmt: skip
+    check_operands(x, w, [("K (x width)", k, "block_k", t["block_k"]),
+                          ("N (output width)", n, "block_n", n_tile)])  # fmt: skip
     out = ragged_dot_mgpu.ragged_dot(
         x, w, group_sizes=_group_rows(layout, block_size), transpose_rhs=transpose_rhs, **t
     )
@@ -134,7 +161,7 @@ def tgmm(x: Array, dy: Array, layout, *, block_size: int, tiles=None) -> Array:
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
     t = _band(dy.shape[1], {**T_TILES, **(tiles or {})}, tiles)
-    _check(x, dy, [("K (x width)", x.shape[1], "block_m", t["block_m"]),
+    check_operands(x, dy, [("K (x width)", x.shape[1], "block_m", t["block_m"]),
                    ("N (dy width)", dy.shape[1], "block_n", t["block_n"])])  # fmt: skip
     out = transposed_ragged_dot_mgpu.transposed_ragged_dot(
         x, dy, group_sizes=_group_rows(layout, block_size), **t
@@ -144,9 +171,10 @@ def tgmm(x: Array, dy: Array, layout, *, block_size: int, tiles=None) -> Array:
 
 __all__ = [
     "DTYPES",
-    "GMM_MIN_WIDTH",
+    "GMM_MIN_K",
     "T_TILES",
     "TILES",
+    "check_operands",
     "gmm",
     "on_hopper",
     "prefers_gmm",

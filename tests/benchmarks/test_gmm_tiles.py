@@ -40,7 +40,7 @@ def test_best_table_takes_the_fastest_of_each_impl():
          "tflops": 500},
     ]  # fmt: skip
     line = gmm_tiles.best_table(rows).splitlines()[-1]
-    assert line == "| s | up | 700 | 350 | 466 {'bk': 32} | 500 {'block_m': 128} |"
+    assert line == "| s | up | 700 | 350 | 466 {'bk': 32} | 500 {'block_m': 128} | - |"
 
 
 def test_unknown_shape_is_named():

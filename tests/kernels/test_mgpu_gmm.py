@@ -1,4 +1,4 @@
-"""impl="mgpu": jax's Hopper ragged-dot kernels behind the grouped-matmul API.
+"""impl="mgpu": modjax's block kernel and jax's ragged-dot kernels behind grouped matmul.
 
 On CPU: the forward and both gradients trace and lower for CUDA (cross-platform
 lowering: shapes, dtypes, tiles and the custom VJP wiring; no numerics), and bad input
@@ -80,8 +80,9 @@ def test_mgpu_errors_name_the_problem(monkeypatch):
 @pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_mgpu_matches_reference_values_and_grads_on_gpu(kind, transpose):
-    _, pos, src, layout, x, w = _case(kind, m=3000, k=512, n=768, g=8)
+@pytest.mark.parametrize("n", [768, 640])  # 640: not a multiple of 256, jax's ragged kernel
+def test_mgpu_matches_reference_values_and_grads_on_gpu(kind, transpose, n):
+    _, pos, src, layout, x, w = _case(kind, m=3000, k=512, n=n, g=8)
     if transpose:
         w = jnp.swapaxes(w, 1, 2)
     fast = jax.jit(jax.value_and_grad(_loss("mgpu", layout, 128, src, pos, transpose), (0, 1)))
@@ -111,12 +112,20 @@ def test_auto_takes_mgpu_for_the_weight_gradient_on_hopper_only(monkeypatch):
     monkeypatch.setattr(mgpu_gmm, "on_hopper", lambda: True)
     assert gm._pick("auto", "tgmm", x, dy, 128, False) == "mgpu"
     w = jnp.zeros((4, 256, 384), jnp.bfloat16)
-    assert gm._pick("auto", "gmm", x, w, 128, False) == "pallas"  # faster at narrow widths
-    wide = jax.ShapeDtypeStruct((8, 4096, 14336), jnp.bfloat16)  # Mixtral's experts
-    xw = jax.ShapeDtypeStruct((1024, 4096), jnp.bfloat16)
+    assert gm._pick("auto", "gmm", x, w, 128, False) == "pallas"  # short contraction
+    sds = jax.ShapeDtypeStruct
+    wide = sds((8, 4096, 14336), jnp.bfloat16)  # Mixtral's experts
+    xw = sds((1024, 4096), jnp.bfloat16)
     assert gm._pick("auto", "gmm", xw, wide, 128, False) == "mgpu"
-    half = jax.ShapeDtypeStruct((8, 4096, 2048), jnp.bfloat16)
-    assert gm._pick("auto", "gmm", xw, half, 128, False) == "pallas"
+    xn = sds((1024, 14336), jnp.bfloat16)  # through wo, transposed: K = 14336, N = 4096
+    assert gm._pick("auto", "gmm", xn, wide, 128, False, transpose_rhs=True) == "mgpu"
+    olmoe_up, olmoe_down = sds((64, 2048, 1024), jnp.bfloat16), sds((64, 1024, 2048), jnp.bfloat16)
+    xo = sds((1024, 2048), jnp.bfloat16)
+    assert gm._pick("auto", "gmm", xo, olmoe_up, 128, False) == "mgpu"  # K = 2048
+    xf = sds((1024, 1024), jnp.bfloat16)
+    assert gm._pick("auto", "gmm", xf, olmoe_down, 128, False) == "pallas"  # K = 1024
+    odd = sds((8, 4096, 14336 + 128), jnp.bfloat16)  # N not a multiple of the 256-wide tile
+    assert gm._pick("auto", "gmm", xw, odd, 128, False) == "pallas"
     assert gm._pick("auto", "tgmm", x, dy, 128, True) == "pallas"  # interpret: Pallas only
     f32 = (x.astype(jnp.float32), dy.astype(jnp.float32))
     assert gm._pick("auto", "tgmm", *f32, 128, False) == "pallas"

@@ -1,0 +1,243 @@
+"""modjax's own Hopper grouped matmul for the block-padded layout (Mosaic GPU).
+
+:func:`gmm` computes ``out[b] = x[b] @ w[group(b)]`` (or ``@ w[group(b)].T``) for every
+used block ``b`` of :mod:`modjax.kernels.grouped_matmul`'s block-padded layout. Because
+every block of ``block_size`` (= 128) rows belongs to one group, the kernel is a plain
+tiled matmul whose right operand is picked per row block; no ragged tile boundaries, no
+masked stores. Its shape:
+
+* persistent: one program per SM walks the output tiles of the *used* blocks only (the
+  loop's trip count is read from the layout at run time, so padding blocks cost nothing);
+  tiles are visited in bands along one dimension for L2 reuse;
+* warp-specialised: a producer warpgroup streams ``x`` and weight tiles into shared memory
+  with TMA, ``stages`` deep; two consumer warpgroups each own half of a ``128 x 2*tile_n``
+  output tile and run ``wgmma`` into float32 registers;
+* the epilogue rounds to the operand dtype and stores through shared memory with TMA in
+  ``epi x epi`` pieces, double-buffered.
+
+Rows of unused blocks are not written; :func:`gmm` zeroes them with a select that XLA fuses
+into the consumer (the contract of :func:`modjax.kernels.grouped_matmul.gmm`).
+
+Why not jax's ``ragged_dot_mgpu``: it handles groups that start mid-tile, with one
+warpgroup and no producer/consumer split; on the H200 it reached 380-480 TFLOP/s at the
+OLMoE widths, below the Triton-lowered Pallas kernel (``benchmarks/RESULTS.md``). The
+block layout lets this kernel take the structure of a dense Hopper matmul instead.
+
+Compiles for NVIDIA Hopper (sm_90a) only, bf16/f16. The reference twin is
+``grouped_matmul._gmm_reference``; ``tests/kernels/test_mgpu_gmm.py`` holds them equal on a
+GPU and checks the lowering on CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from modjax.typing import Array
+
+#: rows per block this kernel takes (one consumer warpgroup's wgmma tile height)
+BLOCK_M = 128
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """Tiling of :func:`gmm`.
+
+    Attributes:
+      tile_n: output columns per consumer warpgroup (the CTA's tile is ``128 x 2*tile_n``).
+      tile_k: contraction step per pipeline stage.
+      stages: pipeline stages in flight (shared memory: ``stages * (128 + 2*tile_n) *
+        tile_k * 2`` bytes, plus the epilogue's).
+      band: output tiles are visited in bands of this many along ``minor``.
+      minor: ``"n"`` or ``"m"``: the dimension the bands run along.
+      epi: side of the square epilogue pieces.
+    """
+
+    tile_n: int = 128
+    tile_k: int = 64
+    stages: int = 4
+    band: int = 8
+    minor: str = "n"
+    epi: int = 64
+
+    def replace(self, **kw) -> Tiles:
+        return dataclasses.replace(self, **kw)
+
+
+#: defaults from the H200 sweep (``benchmarks/gmm_tiles.py --impls block``): bands of 8
+#: along M won at the Mixtral widths (+1-3% over N); 4 stages over 3 by 0-3%.
+TILES = Tiles(minor="m")
+
+
+def fits(k: int, n: int, tiles: Tiles | None = None) -> bool:
+    """Whether widths ``K`` (contraction) and ``N`` (output) fit the tiles."""
+    t = tiles or TILES
+    return k % t.tile_k == 0 and n % (2 * t.tile_n) == 0
+
+
+def _num_sms() -> int:
+    return int(getattr(jax.devices()[0], "core_count", 132) or 132)
+
+
+def check(x: Array, w: Array, block_size: int, transpose_rhs: bool, tiles: Tiles) -> None:
+    """Errors naming the argument, before anything is traced into a kernel."""
+    from modjax.kernels import mgpu_gmm
+
+    if block_size != BLOCK_M:
+        raise ValueError(f"the Mosaic GPU block gmm needs block_size={BLOCK_M}, got {block_size}")
+    if tiles.minor not in ("n", "m"):
+        raise ValueError(f"tiles.minor must be 'n' or 'm', got {tiles.minor!r}")
+    k = x.shape[1]
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    mgpu_gmm.check_operands(
+        x,
+        w,
+        [("K (x width)", k, "tile_k", tiles.tile_k),
+         ("N (output width)", n, "2*tile_n", 2 * tiles.tile_n)],
+    )  # fmt: skip
+    if tiles.tile_n % tiles.epi or BLOCK_M % tiles.epi:
+        raise ValueError(f"tiles.epi={tiles.epi} must divide tile_n={tiles.tile_n} and 128")
+
+
+def gmm(
+    x: Array,
+    w: Array,
+    block_group: Array,
+    num_used: Array,
+    *,
+    block_size: int = BLOCK_M,
+    transpose_rhs: bool = False,
+    tiles: Tiles | None = None,
+) -> Array:
+    """``out[b] = x[b] @ w[block_group[b]]`` for the first ``num_used`` blocks of 128 rows.
+
+    Args:
+      x: ``[Nb * 128, K]`` bf16/f16.
+      w: ``[G, K, N]`` (``[G, N, K]`` with ``transpose_rhs``), x's dtype.
+      block_group: int32 ``[Nb]``: each block's group.
+      num_used: int32 scalar: blocks past it are padding (not computed; zero in the result).
+      transpose_rhs: multiply by ``w[g].T``.
+      tiles: :class:`Tiles` (default :data:`TILES`).
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    t = tiles or TILES
+    check(x, w, block_size, transpose_rhs, t)
+    m, k = x.shape
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    dtype = x.dtype
+    cta_n = 2 * t.tile_n
+    n_iters, k_iters = n // cta_n, k // t.tile_k
+    itemsize = jnp.dtype(dtype).itemsize
+
+    def smem_transforms(minor_elems: int):
+        swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
+        return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
+
+    in_transforms = smem_transforms(t.tile_k)
+    w_transforms = in_transforms if transpose_rhs else smem_transforms(cta_n)
+    out_transforms = smem_transforms(t.epi)
+    x_spec = plgpu.BlockSpec(
+        (BLOCK_M, t.tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM
+    )
+    if transpose_rhs:  # w[g] is [N, K]: stream [cta_n, tile_k] tiles, transpose in wgmma
+        w_spec = plgpu.BlockSpec(
+            (cta_n, t.tile_k), lambda kk: (0, kk), transforms=w_transforms, memory_space=plgpu.SMEM
+        )
+    else:
+        w_spec = plgpu.BlockSpec(
+            (t.tile_k, cta_n), lambda kk: (kk, 0), transforms=w_transforms, memory_space=plgpu.SMEM
+        )
+    minor = 1 if t.minor == "n" else 0
+
+    def body(group_gmem, used_gmem, x_gmem, w_gmem, out_gmem):
+        wg = lax.axis_index("wg")
+        wg_cols = pl.ds(wg * t.tile_n, t.tile_n)
+
+        def pipeline(mma, context):
+            return plgpu.emit_pipeline_warp_specialized(
+                mma,
+                grid=(k_iters,),
+                memory_registers=40,
+                in_specs=[x_spec, w_spec],
+                wg_axis="wg",
+                num_compute_wgs=2,
+                max_concurrent_steps=t.stages,
+                compute_context=context,
+            )
+
+        def noop(*_, **__):
+            return None
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=pipeline(noop, noop).get_allocations(x_gmem, w_gmem.at[0]),
+            out_smem=plgpu.SMEM((2, 2, t.epi, t.epi), dtype, transforms=out_transforms),
+            collective_axes="wg",
+        )
+        def _scope(allocs, out_smem):
+            used = used_gmem[0]
+
+            @plgpu.nd_loop((used * n_iters,), collective_axes="sm")
+            def _tiles(info):
+                mi, ni = plgpu.planar_snake(info.index[0], (used, n_iters), minor, t.band)
+                rows = pl.ds(mi * BLOCK_M, BLOCK_M)
+                cols = pl.ds(ni * cta_n, cta_n)
+                w_g = w_gmem.at[group_gmem[mi]]
+
+                def context(run):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((BLOCK_M, t.tile_n)))
+                    def _acc(acc):
+                        run(acc)
+                        out = acc[...].astype(dtype)
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        pieces_n = t.tile_n // t.epi
+                        for i in range(BLOCK_M // t.epi):
+                            for j in range(pieces_n):
+                                slot = (i * pieces_n + j) % 2
+                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                                out_smem[wg, slot] = out[
+                                    i * t.epi : (i + 1) * t.epi, j * t.epi : (j + 1) * t.epi
+                                ]
+                                plgpu.commit_smem()
+                                dst = out_gmem.at[rows, cols].at[:, wg_cols]
+                                plgpu.copy_smem_to_gmem(
+                                    out_smem.at[wg, slot],
+                                    dst.at[pl.ds(i * t.epi, t.epi), pl.ds(j * t.epi, t.epi)],
+                                )
+
+                def mma(_, x_smem, w_smem, acc):
+                    if transpose_rhs:
+                        rhs = w_smem.at[wg_cols, :].transpose((1, 0))
+                    else:
+                        rhs = w_smem.at[:, wg_cols]
+                    plgpu.wgmma(acc, x_smem, rhs)
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                w_tiles = w_g.at[cols, :] if transpose_rhs else w_g.at[:, cols]
+                pipeline(mma, context)(x_gmem.at[rows, :], w_tiles, allocations=allocs)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), dtype),
+        grid=(_num_sms(),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    used = jnp.reshape(num_used, (1,)).astype(jnp.int32)
+    out = kernel(block_group.astype(jnp.int32), used, x, w)
+    live = jnp.arange(m)[:, None] < used[0] * BLOCK_M
+    return jnp.where(live, out, jnp.zeros((), dtype))
+
+
+__all__ = ["BLOCK_M", "TILES", "Tiles", "check", "fits", "gmm"]
