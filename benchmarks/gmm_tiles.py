@@ -71,6 +71,11 @@ BLOCK_GMM = [  # modjax's own warp-specialised kernel (forward and input-gradien
     mgpu_block_gmm.Tiles(tile_n=128, stages=st, band=b, minor=mn)
     for st, b, mn in itertools.product([4, 3], [8, 16], ["n", "m"])
 ] + [mgpu_block_gmm.Tiles(tile_n=64, stages=6), mgpu_block_gmm.Tiles(tile_k=128, stages=2)]
+BLOCK_GMM += [  # short contractions: overlap consecutive wgmmas, one-piece epilogue
+    mgpu_block_gmm.TILES.replace(**kw)
+    for kw in (dict(wait=1), dict(epi=128, stages=3), dict(epi=128, stages=3, wait=1),
+               dict(wait=1, stages=3))
+]  # fmt: skip
 IMPLS = ("pallas", "mgpu", "block")
 
 

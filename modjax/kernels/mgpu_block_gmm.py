@@ -54,7 +54,15 @@ class Tiles:
         tile_k * 2`` bytes, plus the epilogue's).
       band: output tiles are visited in bands of this many along ``minor``.
       minor: ``"n"`` or ``"m"``: the dimension the bands run along.
-      epi: side of the square epilogue pieces.
+      epi: side of the square epilogue pieces (``epi = tile_n = 128``: one piece per
+        warpgroup, stored from a single buffer).
+      wait: ``wgmma`` groups left in flight at the end of a step (1: the next step's
+        ``wgmma`` is issued before this one's finishes; its input slots are released a
+        step later).
+
+    On the H200 neither ``wait=1`` nor the one-piece epilogue moved the short
+    contractions (K=512-1024, where the kernel trails the Pallas one) by more than the
+    noise, in either direction (``benchmarks/RESULTS.md``).
     """
 
     tile_n: int = 128
@@ -63,6 +71,7 @@ class Tiles:
     band: int = 8
     minor: str = "n"
     epi: int = 64
+    wait: int = 0
 
     def replace(self, **kw) -> Tiles:
         return dataclasses.replace(self, **kw)
@@ -142,17 +151,14 @@ def gmm(
     in_transforms = smem_transforms(t.tile_k)
     w_transforms = in_transforms if transpose_rhs else smem_transforms(cta_n)
     out_transforms = smem_transforms(t.epi)
-    x_spec = plgpu.BlockSpec(
-        (BLOCK_M, t.tile_k), lambda kk: (0, kk), transforms=in_transforms, memory_space=plgpu.SMEM
-    )
+    spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, delay_release=t.wait)
+    x_spec = spec((BLOCK_M, t.tile_k), lambda kk: (0, kk), transforms=in_transforms)
     if transpose_rhs:  # w[g] is [N, K]: stream [cta_n, tile_k] tiles, transpose in wgmma
-        w_spec = plgpu.BlockSpec(
-            (cta_n, t.tile_k), lambda kk: (0, kk), transforms=w_transforms, memory_space=plgpu.SMEM
-        )
+        w_spec = spec((cta_n, t.tile_k), lambda kk: (0, kk), transforms=w_transforms)
     else:
-        w_spec = plgpu.BlockSpec(
-            (t.tile_k, cta_n), lambda kk: (kk, 0), transforms=w_transforms, memory_space=plgpu.SMEM
-        )
+        w_spec = spec((t.tile_k, cta_n), lambda kk: (kk, 0), transforms=w_transforms)
+    pieces_n = t.tile_n // t.epi
+    slots = min(2, pieces_n * (BLOCK_M // t.epi))
     minor = 1 if t.minor == "n" else 0
 
     def body(group_gmem, used_gmem, x_gmem, w_gmem, out_gmem):
@@ -177,7 +183,7 @@ def gmm(
         @functools.partial(
             pl.run_scoped,
             allocs=pipeline(noop, noop).get_allocations(x_gmem, w_gmem.at[0]),
-            out_smem=plgpu.SMEM((2, 2, t.epi, t.epi), dtype, transforms=out_transforms),
+            out_smem=plgpu.SMEM((2, slots, t.epi, t.epi), dtype, transforms=out_transforms),
             collective_axes="wg",
         )
         def _scope(allocs, out_smem):
@@ -196,11 +202,10 @@ def gmm(
                         run(acc)
                         out = acc[...].astype(dtype)
                         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        pieces_n = t.tile_n // t.epi
                         for i in range(BLOCK_M // t.epi):
                             for j in range(pieces_n):
-                                slot = (i * pieces_n + j) % 2
-                                plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                                slot = (i * pieces_n + j) % slots
+                                plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
                                 out_smem[wg, slot] = out[
                                     i * t.epi : (i + 1) * t.epi, j * t.epi : (j + 1) * t.epi
                                 ]
@@ -217,7 +222,7 @@ def gmm(
                     else:
                         rhs = w_smem.at[:, wg_cols]
                     plgpu.wgmma(acc, x_smem, rhs)
-                    plgpu.wgmma_wait(0)
+                    plgpu.wgmma_wait(t.wait)
                     return acc
 
                 w_tiles = w_g.at[cols, :] if transpose_rhs else w_g.at[:, cols]

@@ -59,7 +59,14 @@ def test_block_gmm_errors_name_the_problem():
 @pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
 @pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("tiles", [bg.TILES, bg.Tiles(tile_n=64, stages=3, minor="m", band=4)])
+@pytest.mark.parametrize(
+    "tiles",
+    [
+        bg.TILES,
+        bg.Tiles(tile_n=64, stages=3, minor="n", band=4),
+        bg.TILES.replace(wait=1, epi=128, stages=3),
+    ],
+)
 def test_block_gmm_matches_reference_on_gpu(kind, transpose, tiles):
     layout, xp, w = _case(kind)
     if transpose:
