@@ -74,7 +74,8 @@ BLOCK_GMM = [  # modjax's own warp-specialised kernel (forward and input-gradien
 BLOCK_GMM += [  # short contractions: overlap consecutive wgmmas, one-piece epilogue
     mgpu_block_gmm.TILES.replace(**kw)
     for kw in (dict(wait=1), dict(epi=128, stages=3), dict(epi=128, stages=3, wait=1),
-               dict(wait=1, stages=3))
+               dict(wait=1, stages=3), dict(chain=True), dict(chain=True, minor="n"),
+               dict(chain=True, stages=2))
 ]  # fmt: skip
 IMPLS = ("pallas", "mgpu", "block")
 

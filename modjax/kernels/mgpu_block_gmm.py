@@ -59,6 +59,10 @@ class Tiles:
       wait: ``wgmma`` groups left in flight at the end of a step (1: the next step's
         ``wgmma`` is issued before this one's finishes; its input slots are released a
         step later).
+      chain: run the per-tile pipelines of a program as one pipeline of pipelines (the
+        producer fetches the next tile's first stages while the consumers finish this
+        one's last steps and its epilogue). Needs ``K / tile_k`` divisible by ``stages``
+        and ``wait=0``.
 
     On the H200 neither ``wait=1`` nor the one-piece epilogue moved the short
     contractions (K=512-1024, where the kernel trails the Pallas one) by more than the
@@ -72,6 +76,7 @@ class Tiles:
     minor: str = "n"
     epi: int = 64
     wait: int = 0
+    chain: bool = False
 
     def replace(self, **kw) -> Tiles:
         return dataclasses.replace(self, **kw)
@@ -108,6 +113,11 @@ def check(x: Array, w: Array, block_size: int, transpose_rhs: bool, tiles: Tiles
         [("K (x width)", k, "tile_k", tiles.tile_k),
          ("N (output width)", n, "2*tile_n", 2 * tiles.tile_n)],
     )  # fmt: skip
+    if tiles.chain and ((k // tiles.tile_k) % tiles.stages or tiles.wait):
+        raise ValueError(
+            f"tiles.chain needs K/tile_k = {k // tiles.tile_k} divisible by "
+            f"stages={tiles.stages} and wait=0 (got wait={tiles.wait})"
+        )
     if tiles.tile_n % tiles.epi or BLOCK_M % tiles.epi:
         raise ValueError(f"tiles.epi={tiles.epi} must divide tile_n={tiles.tile_n} and 128")
 
@@ -165,7 +175,7 @@ def gmm(
         wg = lax.axis_index("wg")
         wg_cols = pl.ds(wg * t.tile_n, t.tile_n)
 
-        def pipeline(mma, context):
+        def pipeline(mma, context, state=None):
             return plgpu.emit_pipeline_warp_specialized(
                 mma,
                 grid=(k_iters,),
@@ -175,6 +185,7 @@ def gmm(
                 num_compute_wgs=2,
                 max_concurrent_steps=t.stages,
                 compute_context=context,
+                pipeline_state=state,
             )
 
         def noop(*_, **__):
@@ -226,7 +237,26 @@ def gmm(
                     return acc
 
                 w_tiles = w_g.at[cols, :] if transpose_rhs else w_g.at[:, cols]
-                pipeline(mma, context)(x_gmem.at[rows, :], w_tiles, allocations=allocs)
+
+                def run(state):
+                    pipeline(mma, context, state)(x_gmem.at[rows, :], w_tiles, allocations=allocs)
+
+                if not t.chain:
+                    run(None)
+                    return
+                # one pipeline of pipelines over this program's tiles: the first fills
+                # the stages, the last drains them; a lone tile runs on its own
+                steps, i = info.num_local_steps, info.local_index
+                stage = plgpu.PipelinePipeline
+
+                @pl.when(steps == 1)
+                def _alone():
+                    run(None)
+
+                @pl.when(steps > 1)
+                def _chained():
+                    mid = jnp.where(i == steps - 1, int(stage.STOP), int(stage.STEADY))
+                    run(jnp.where(i == 0, int(stage.START), mid).astype(jnp.int32))
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

@@ -36,3 +36,23 @@ def test_profile_writes_a_trace_that_trace_summary_reads(tmp_path, capsys):
     table = trace_summary.main([str(tmp_path / "custom-dropless"), "--steps", "3"])
     assert "busy ms / step" in table and "| `" in table  # ops were found and tabled
     assert (tmp_path / "custom-dense").is_dir()
+
+
+def test_reference_error_flags_a_wrong_layer():
+    t, d, f, e, k = 64, 16, 32, 4, 2
+    key = jax.random.PRNGKey(0)
+    x, params = moe_layer.make_inputs(key, t, d, f, e, k, jnp.float32, dense=False)
+    args = (x, moe_layer.make_logits(jax.random.fold_in(key, 1), t, e, skewed=False), params)
+    fwd, _ = moe_layer.build("dropless", t, k, e, jnp.float32)
+    assert moe_layer.reference_error(fwd, args, k) < 1e-5
+    wrong = lambda *a: fwd(*a) * 1.01  # a 1% error shows as one
+    assert moe_layer.reference_error(wrong, args, k) == pytest.approx(0.01, rel=1e-3)
+
+
+def test_table_reports_the_reference_error_of_dropless_rows(capsys):
+    moe_layer.main(["--shape", "64,16,32,4,2", "--dtype", "float32", "--iters", "2",
+                    "--methods", "dense,capacity,dropless"])  # fmt: skip
+    rows = {r.split("|")[1].strip(): r.split("|")[-2].strip()
+            for r in capsys.readouterr().out.splitlines() if r.startswith("| ")}  # fmt: skip
+    assert rows["capacity"] == "-" and rows["dense"] == "-"  # may drop: no reference
+    assert float(rows["dropless"]) < 1e-5 and float(rows["dropless (skewed 80%->2)"]) < 1e-5

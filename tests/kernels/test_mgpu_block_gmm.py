@@ -52,6 +52,8 @@ def test_block_gmm_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"N \(output width\)=384 must be a multiple of the tile "
                                          r"2\*tile_n=256"):  # fmt: skip
         bg.gmm(xp, w[:, :, :384], g, u)
+    with pytest.raises(ValueError, match="tiles.chain needs K/tile_k = 4 divisible by stages=3"):
+        bg.gmm(xp, w, g, u, tiles=bg.Tiles(chain=True, stages=3))
     with pytest.raises(ValueError, match="tiles.minor must be 'n' or 'm', got 'k'"):
         bg.gmm(xp, w, g, u, tiles=bg.Tiles(minor="k"))
 
@@ -65,6 +67,7 @@ def test_block_gmm_errors_name_the_problem():
         bg.TILES,
         bg.Tiles(tile_n=64, stages=3, minor="n", band=4),
         bg.TILES.replace(wait=1, epi=128, stages=3),
+        bg.TILES.replace(chain=True),
     ],
 )
 def test_block_gmm_matches_reference_on_gpu(kind, transpose, tiles):
@@ -79,3 +82,19 @@ def test_block_gmm_matches_reference_on_gpu(kind, transpose, tiles):
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
     np.testing.assert_allclose(a, b, atol=5e-2, rtol=2e-2)
     assert used < a.shape[0] and (a[used:] == 0).all()  # padding blocks: never computed
+
+
+@pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("m", [20000, 3000])  # ~3.6 output tiles per SM of 132; <= 1
+def test_block_gmm_chained_pipelines_on_gpu(transpose, m):
+    layout, xp, w = _case("skewed", m=m)
+    if transpose:
+        w = jnp.swapaxes(w, 1, 2)
+    tiles = bg.TILES.replace(chain=True)
+    got = bg.gmm(xp, w, layout.block_group, layout.group_start[-1], transpose_rhs=transpose,
+                 tiles=tiles)  # fmt: skip
+    want = gm.gmm(xp, w, layout, block_size=128, transpose_rhs=transpose, impl="reference")
+    a, b = np.float32(got), np.float32(want)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
+    np.testing.assert_allclose(a, b, atol=5e-2, rtol=2e-2)
