@@ -15,7 +15,9 @@ nothing is dropped):
 
 * ``"dropless"`` (default, MegaBlocks, Gale et al. 2023): sort the T*K assignments by
   expert into a block-padded buffer, run grouped matmuls
-  (:mod:`modjax.kernels.grouped_matmul`), unsort and combine. Memory grows as T*K*D.
+  (:mod:`modjax.kernels.grouped_matmul`; off the GPU, the whole expert FFN as one XLA
+  loop over blocks, :mod:`modjax.kernels.xla_expert_ffn`), unsort and combine. Memory
+  grows as T*K*D.
 * ``"capacity"`` (GShard/Switch with gathers): each expert gets ``routing.capacity``
   slots (T when the routing is dropless); assignments with ``kept`` False are dropped.
 * ``"einsum"``: the one-hot ``[T, E, C]`` dispatch/combine einsums of GShard
@@ -39,6 +41,7 @@ import jax.numpy as jnp
 
 from modjax.computation import matmul
 from modjax.kernels import grouped_matmul as gm
+from modjax.kernels import xla_expert_ffn
 from modjax.routing.dispatch import slot_maps
 from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array, PyTree
@@ -63,6 +66,13 @@ def _hidden(activation: str, proj: dict[str, Array]) -> Array:
         return (jax.nn.silu(gate) * proj["wi_up"].astype(jnp.float32)).astype(proj["wi_up"].dtype)
     h = proj["wi"]
     return jax.nn.gelu(h.astype(jnp.float32), approximate=True).astype(h.dtype)
+
+
+@functools.cache
+def _hidden_fn(activation: str) -> Callable[[tuple[Array, ...]], Array]:
+    """:func:`_hidden` on a tuple of projections, one (hashable) function per activation."""
+    names = ACTIVATIONS[activation]
+    return lambda proj: _hidden(activation, dict(zip(names, proj, strict=True)))
 
 
 def check_ffn_params(params: PyTree, activation: str, *, experts: bool) -> tuple[int, int]:
@@ -117,8 +127,19 @@ def expert_ffn_blocks(
     impl: str = "auto",
     interpret: bool = False,
 ) -> Array:
-    """Expert FFN on block-padded rows ``[Nb * bs, D]`` (see :func:`gm.sort_to_blocks`)."""
+    """Expert FFN on block-padded rows ``[Nb * bs, D]`` (see :func:`gm.sort_to_blocks`).
+
+    Three grouped matmuls with the activation between them; where the grouped matmuls
+    would be XLA loops (off the GPU), one fused loop over blocks instead
+    (:mod:`modjax.kernels.xla_expert_ffn`, the same function).
+    """
     names = _check_activation(activation)
+    if gm.runs_on_xla(impl):
+        used = layout.group_start[-1]
+        w_in = tuple(params[n].astype(x.dtype) for n in names)
+        return xla_expert_ffn.expert_ffn(x, w_in, params["wo"].astype(x.dtype),
+                                         layout.block_group, used, _hidden_fn(activation),
+                                         block_size=block_size)  # fmt: skip
     mm = functools.partial(
         gm.gmm, layout=layout, block_size=block_size, impl=impl, interpret=interpret
     )

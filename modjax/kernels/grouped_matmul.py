@@ -245,6 +245,12 @@ def _on_gpu() -> bool:
     return jax.default_backend() == "gpu"
 
 
+def runs_on_xla(impl: str) -> bool:
+    """Whether ``impl`` means the XLA loops here (``"xla"``, or ``"auto"`` off the GPU):
+    where a caller may fuse more than one grouped matmul into one loop of its own."""
+    return _check_impl(impl) == "xla" or (impl == "auto" and not _on_gpu())
+
+
 def _pick(
     impl: str, op: str, a: Array, b: Array, block_size: int, interpret: bool, transpose_rhs=False
 ) -> str:

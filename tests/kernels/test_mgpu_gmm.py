@@ -16,17 +16,14 @@ import pytest
 
 from modjax.kernels import grouped_matmul as gm
 from modjax.kernels import mgpu_gmm
+from tests.kernels.routing_cases import group_ids
 
 GPU = os.environ.get("MODJAX_GPU_TESTS") == "1"
 
 
 def _case(kind="random", m=700, k=256, n=384, g=6, bs=128, dtype=jnp.bfloat16, seed=0):
     rng = np.random.default_rng(seed)
-    ids = rng.integers(0, g, m)
-    if kind == "skewed":
-        ids = np.where(rng.random(m) < 0.8, rng.integers(0, 2, m), ids)
-    if kind == "empty":
-        ids = np.where((ids == 1) | (ids == g - 1), 0, ids)
+    ids = group_ids(kind, m, g, rng)
     pos, src, layout = gm.sort_to_blocks(jnp.asarray(ids), g, bs)
     x = jnp.asarray(rng.normal(size=(m, k)), dtype)
     w = jnp.asarray(rng.normal(size=(g, k, n)) / k**0.5, dtype)
