@@ -135,10 +135,9 @@ def expert_ffn_blocks(
     """
     names = _check_activation(activation)
     if gm.runs_on_xla(impl):
-        used = layout.group_start[-1]
         w_in = tuple(params[n].astype(x.dtype) for n in names)
         return xla_expert_ffn.expert_ffn(x, w_in, params["wo"].astype(x.dtype),
-                                         layout.block_group, used, _hidden_fn(activation),
+                                         layout.group_start, _hidden_fn(activation),
                                          block_size=block_size)  # fmt: skip
     mm = functools.partial(
         gm.gmm, layout=layout, block_size=block_size, impl=impl, interpret=interpret

@@ -94,8 +94,22 @@ def test_rows_and_dtypes_must_match():
     with pytest.raises(ValueError, match="x dtype must be one of float32/bfloat16/float16"):
         F.expert_ffn_blocks(xp.astype(jnp.int32), params, layout, activation="gelu",
                             block_size=16)  # fmt: skip
-    with pytest.raises(ValueError, match=r"x has 100 rows, the layout \d+ \* 16"):
+    with pytest.raises(ValueError, match=r"x has 100 rows, not a whole number of 16-row blocks"):
         xla_expert_ffn.expert_ffn(
-            xp[:100], (params["wi"],), params["wo"], layout.block_group,
-            layout.group_start[-1], F._hidden_fn("gelu"), block_size=16,
+            xp[:100], (params["wi"],), params["wo"], layout.group_start,
+            F._hidden_fn("gelu"), block_size=16,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("sizes", [[5, 0, 9, 1], [0, 0, 3], [13]])
+def test_segments_cover_the_used_blocks_once_in_order(sizes):
+    layout = gm.group_layout(jnp.asarray(sizes), sum(sizes) + 7, 1)  # one row per block
+    nb = layout.num_blocks
+    group, first, size, count = xla_expert_ffn._segments(layout.group_start, nb, 4)
+    count = int(count)
+    covered = [(int(g), b) for g, f, s in zip(group[:count], first[:count], size[:count])
+               for b in range(int(f), int(f) + int(s))]  # fmt: skip
+    starts = [int(s) for s in layout.group_start]
+    want = [(g, b) for g in range(len(sizes)) for b in range(starts[g], starts[g + 1])]
+    assert covered == want
+    assert all(1 <= int(s) <= 4 for s in size[:count])
