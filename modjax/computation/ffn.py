@@ -111,10 +111,13 @@ def ffn(x: Array, params: PyTree, *, activation: str = "swiglu") -> Array:
 # grouped expert FFN (the dropless fast path and the expert-parallel seam)
 
 
-def default_block_size() -> int:
-    """Rows per block of the block-padded layout (128: a tensor-core tile on GPU; on CPU
-    smaller blocks waste fewer padding rows but run slower matmuls, measured a wash)."""
-    return 128
+def default_block_size(impl: str = "auto") -> int:
+    """Rows per block of the block-padded layout for grouped-matmul ``impl``: 128 (a
+    tensor-core tile) for the GPU kernels; 32 for the fused XLA loop, whose dots span
+    whole runs of a group's blocks, so small blocks cost no matmul speed and waste fewer
+    padding rows (2-core CPU, fwd+bwd against dense: cpu-a 0.78 -> 0.88, cpu-b 0.63 ->
+    0.72 going from 128 to 32, ``benchmarks/RESULTS.md``)."""
+    return 32 if gm.runs_on_xla(impl) else 128
 
 
 def expert_ffn_blocks(
@@ -161,7 +164,7 @@ def grouped_ffn(
     The first ``group_sizes[0]`` rows go to expert 0, and so on; rows past
     ``sum(group_sizes)`` are padding and come back as zeros.
     """
-    block_size = block_size or default_block_size()
+    block_size = block_size or default_block_size(impl)
     n = x.shape[0]
     num_experts = group_sizes.shape[0]
     ids = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(n), side="right")
@@ -306,7 +309,8 @@ def moe_ffn(
       strategy: ``"dropless"``, ``"capacity"`` or ``"einsum"``.
       impl: grouped-matmul implementation for ``"dropless"`` (see
         :func:`modjax.kernels.grouped_matmul.gmm`).
-      block_size: rows per block for ``"dropless"`` (default :func:`default_block_size`).
+      block_size: rows per block for ``"dropless"`` (default :func:`default_block_size`
+        of ``impl``).
       interpret: run Pallas kernels in interpret mode.
 
     Returns:
@@ -315,7 +319,7 @@ def moe_ffn(
     _check_moe(x, routing, params, activation)
     if strategy == "dropless":
         return _dropless(
-            x, routing, params, activation, block_size or default_block_size(), impl, interpret
+            x, routing, params, activation, block_size or default_block_size(impl), impl, interpret
         )
     if strategy == "capacity":
         return _capacity(x, routing, params, activation)

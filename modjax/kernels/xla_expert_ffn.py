@@ -9,11 +9,11 @@ and zeros for the rows of unused blocks. It is what
 :func:`modjax.computation.ffn.expert_ffn_blocks` computes with three grouped matmuls and
 an activation in between, arranged differently for XLA:CPU:
 
-* one ``fori_loop`` over *segments*: runs of up to :data:`SEGMENT` consecutive blocks of
+* one ``fori_loop`` over *segments*: runs of up to :data:`SEGMENT_ROWS` rows (whole blocks) of
   one group (a group's rows are contiguous in the layout). A segment is plain 2-D dots
   over all its rows (XLA:CPU runs a batched matmul over blocks at half the rate of the
   same FLOPs as one dot, and small dots pay a fixed cost per call); a ``lax.switch`` has
-  a branch per segment size, each returning ``SEGMENT`` blocks' worth of rows (zeros
+  a branch per segment size, each returning a whole segment's worth of rows (zeros
   past its own) that the loop writes in order, so the next segment overwrites the excess;
 * the activation runs on the used rows only, not on the padded ``[Nb * bs, F]`` buffers
   between grouped matmuls (on the issue's CPU shapes a quarter of those rows are padding,
@@ -43,8 +43,15 @@ from jax import lax
 from modjax.kernels.grouped_matmul import SUPPORTED_DTYPES
 from modjax.typing import Array
 
-#: most blocks of one group multiplied as one dot (a ``lax.switch`` branch per size)
-SEGMENT = 4
+#: most rows of one group multiplied as one dot: a segment is up to
+#: ``SEGMENT_ROWS // block_size`` blocks (a ``lax.switch`` branch per size, at most
+#: ``MAX_BRANCHES``)
+SEGMENT_ROWS = 512
+MAX_BRANCHES = 16
+
+
+def _seg(nb: int, bs: int) -> int:
+    return max(1, min(SEGMENT_ROWS // bs, MAX_BRANCHES, nb))
 
 
 def expert_ffn(
@@ -103,7 +110,7 @@ def _over_segments(group_start, nb, bs, compute, update, init):
     ``size`` in blocks (one ``lax.switch`` branch per size) returns same-shaped results for
     every size, which ``update(group, row, results, carry)`` folds into the carry outside
     the switch (a carry passed through the branches would be copied every step)."""
-    seg = min(SEGMENT, nb)
+    seg = _seg(nb, bs)
     group, first, size, count = _segments(group_start, nb, seg)
 
     def step(i, carry):
@@ -124,7 +131,7 @@ def _pad_rows(a, rows):
 
 def _forward(x, w_in, w_out, group_start, hidden, bs, nb):
     dtype, d, f = x.dtype, x.shape[1], w_out.shape[1]
-    seg = min(SEGMENT, nb)
+    seg = _seg(nb, bs)
     spare = (nb + seg - 1) * bs  # whole-segment writes past the last used block land here
 
     def compute(size, g, row):
@@ -159,7 +166,7 @@ def _ffn_bwd(hidden, bs, res, dy):
     x, w_in, w_out, group_start, proj = res
     dtype, nb = x.dtype, x.shape[0] // bs
     dy = dy.astype(dtype)
-    seg = min(SEGMENT, nb)
+    seg = _seg(nb, bs)
     f32_dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32)
 
     def compute(size, g, row):
@@ -186,4 +193,4 @@ def _ffn_bwd(hidden, bs, res, dy):
 
 _ffn.defvjp(_ffn_fwd, _ffn_bwd)
 
-__all__ = ["SEGMENT", "expert_ffn"]
+__all__ = ["MAX_BRANCHES", "SEGMENT_ROWS", "expert_ffn"]
