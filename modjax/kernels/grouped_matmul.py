@@ -16,7 +16,8 @@ Implementations (``impl=``), all computing the same function:
 * ``"reference"``: a loop over groups of masked dense matmuls, obviously correct and G
   times the work; the twin every fast path is tested against.
 * ``"xla"``: a ``fori_loop`` over the used blocks, a batched matmul over a few blocks
-  at a time (the CPU path).
+  at a time (the CPU path of a lone grouped matmul; the dropless expert FFN fuses its
+  three into one loop of plain dots instead, :mod:`modjax.kernels.xla_expert_ffn`).
 * ``"pallas"``: Triton-lowered Pallas kernels (:mod:`modjax.kernels.pallas_gmm`), for
   GPUs; with ``interpret=True`` they run anywhere (slowly), which the tests use on CPU.
 * ``"mgpu"``: Hopper (Mosaic GPU, wgmma/TMA) kernels (:mod:`modjax.kernels.mgpu_gmm`):

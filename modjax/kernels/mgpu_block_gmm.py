@@ -24,8 +24,9 @@ OLMoE widths, below the Triton-lowered Pallas kernel (``benchmarks/RESULTS.md``)
 block layout lets this kernel take the structure of a dense Hopper matmul instead.
 
 Compiles for NVIDIA Hopper (sm_90a) only, bf16/f16. The reference twin is
-``grouped_matmul._gmm_reference``; ``tests/kernels/test_mgpu_gmm.py`` holds them equal on a
-GPU and checks the lowering on CPU.
+``grouped_matmul._gmm_reference``; ``tests/kernels/test_mgpu_block_gmm.py`` holds them
+equal on a GPU (and, through ``impl="mgpu"`` with gradients, ``test_mgpu_gmm.py``) and
+checks the lowering and the errors on CPU.
 """
 
 from __future__ import annotations

@@ -69,9 +69,10 @@ def supports_tgmm(x: Array, dy: Array, tiles=None) -> bool:
 
 
 #: The block kernel (:mod:`~modjax.kernels.mgpu_block_gmm`) beats the Pallas kernel once
-#: the contraction is this wide. Each output tile fills and drains its own pipeline, so
-#: short contractions pay more for it. On the H200 at K=1024 it ran at 470 TFLOP/s against
-#: Pallas's 520; at K=2048, 570-577 against 560; at 4096-14336, 650-725 against 580-610.
+#: the contraction is this wide: each of its output tiles pays a fixed cost, which a
+#: short contraction does not hide (not the pipeline fill: chaining the tiles' pipelines
+#: gained 0-2%). On the H200 at K=1024 it ran at 470 TFLOP/s against Pallas's 520; at
+#: K=2048, 570-577 against 560; at 4096-14336, 650-725 against 580-610.
 GMM_MIN_K = 2048
 
 
