@@ -56,3 +56,24 @@ def test_table_reports_the_reference_error_of_dropless_rows(capsys):
             for r in capsys.readouterr().out.splitlines() if r.startswith("| ")}  # fmt: skip
     assert rows["capacity"] == "-" and rows["dense"] == "-"  # may drop: no reference
     assert float(rows["dropless"]) < 1e-5 and float(rows["dropless (skewed 80%->2)"]) < 1e-5
+
+
+def test_interleaved_table_and_the_grouped_variant(capsys, monkeypatch):
+    from benchmarks import moe_interleaved
+    from modjax.kernels import xla_expert_ffn
+
+    fused = []
+    real = xla_expert_ffn.expert_ffn
+    monkeypatch.setattr(
+        xla_expert_ffn, "expert_ffn", lambda *a, **k: fused.append(1) or real(*a, **k)
+    )
+    out = moe_interleaved.main(["--shape", "64,16,32,4,2", "--rounds", "2",
+                                "--methods", "dropless@grouped"])  # fmt: skip
+    assert not fused  # the grouped variant traced without the fused loop
+    rows = [r for r in out.splitlines() if r.startswith("| d")]
+    assert [r.split("|")[1].strip() for r in rows] == ["dense", "dropless@grouped"]
+    assert rows[0].split("|")[3].strip() == "1.00"  # dense against itself
+    moe_interleaved.main(["--shape", "64,16,32,4,2", "--rounds", "1", "--methods", "dropless"])
+    assert fused  # and the default path takes it (off the GPU)
+    with pytest.raises(ValueError, match=r"--shapes: unknown \['cpu-z'\]"):
+        moe_interleaved.main(["--shapes", "cpu-a,cpu-z"])
