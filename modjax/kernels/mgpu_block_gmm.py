@@ -40,6 +40,8 @@ from jax import lax
 
 from modjax.typing import Array
 
+#: operand dtypes of the Mosaic GPU kernels (``wgmma`` on 16-bit floats)
+DTYPES = (jnp.bfloat16, jnp.float16)
 #: rows per block this kernel takes (one consumer warpgroup's wgmma tile height)
 BLOCK_M = 128
 
@@ -95,20 +97,34 @@ def fits(k: int, n: int, tiles: Tiles | None = None) -> bool:
 
 
 def _num_sms() -> int:
-    return int(getattr(jax.devices()[0], "core_count", 132) or 132)
+    return int(jax.devices()[0].core_count)
+
+
+def check_operands(x: Array, other: Array, checks: list[tuple[str, int, str, int]]) -> None:
+    for name, a in (("x", x), ("w/dy", other)):
+        if a.dtype not in DTYPES:
+            raise ValueError(
+                f"impl='mgpu' takes bfloat16 or float16 operands; {name} is {a.dtype} "
+                "(use impl='pallas' or 'xla' for float32)"
+            )
+    if x.dtype != other.dtype:
+        raise ValueError(f"impl='mgpu' needs one operand dtype, got {x.dtype} and {other.dtype}")
+    for what, width, tile, size in checks:
+        if width % size:
+            raise ValueError(
+                f"impl='mgpu': {what}={width} must be a multiple of the tile {tile}={size}"
+            )
 
 
 def check(x: Array, w: Array, block_size: int, transpose_rhs: bool, tiles: Tiles) -> None:
     """Errors naming the argument, before anything is traced into a kernel."""
-    from modjax.kernels import mgpu_gmm
-
     if block_size != BLOCK_M:
         raise ValueError(f"the Mosaic GPU block gmm needs block_size={BLOCK_M}, got {block_size}")
     if tiles.minor not in ("n", "m"):
         raise ValueError(f"tiles.minor must be 'n' or 'm', got {tiles.minor!r}")
     k = x.shape[1]
     n = w.shape[1] if transpose_rhs else w.shape[2]
-    mgpu_gmm.check_operands(
+    check_operands(
         x,
         w,
         [("K (x width)", k, "tile_k", tiles.tile_k),
@@ -276,4 +292,4 @@ def gmm(
     return jnp.where(live, out, jnp.zeros((), dtype))
 
 
-__all__ = ["BLOCK_M", "TILES", "Tiles", "check", "fits", "gmm"]
+__all__ = ["BLOCK_M", "DTYPES", "TILES", "Tiles", "check", "check_operands", "fits", "gmm"]

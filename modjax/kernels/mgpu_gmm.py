@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from modjax.kernels import mgpu_block_gmm
+from modjax.kernels.mgpu_block_gmm import DTYPES, check_operands
 from modjax.typing import Array
 
 #: ``ragged_dot`` tiles (forward and input gradient): 128x128 output tiles over 64-wide
@@ -45,8 +46,6 @@ TILES = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_
 #: ``transposed_ragged_dot`` tiles (weight gradient: ``[K, N]`` outputs per group). Four
 #: stages in flight, not two: 2x the throughput (the H200 sweep: ~270 -> ~520 TFLOP/s).
 T_TILES = dict(block_m=128, block_n=128, block_k=64, max_concurrent_steps=4, grid_block_n=8)
-
-DTYPES = (jnp.bfloat16, jnp.float16)
 
 
 def on_hopper() -> bool:
@@ -97,22 +96,6 @@ def _band(n: int, t: dict, given) -> dict:
 
 def _group_rows(layout, block_size: int) -> Array:
     return ((layout.group_start[1:] - layout.group_start[:-1]) * block_size).astype(jnp.int32)
-
-
-def check_operands(x: Array, other: Array, checks: list[tuple[str, int, str, int]]) -> None:
-    for name, a in (("x", x), ("w/dy", other)):
-        if a.dtype not in DTYPES:
-            raise ValueError(
-                f"impl='mgpu' takes bfloat16 or float16 operands; {name} is {a.dtype} "
-                "(use impl='pallas' or 'xla' for float32)"
-            )
-    if x.dtype != other.dtype:
-        raise ValueError(f"impl='mgpu' needs one operand dtype, got {x.dtype} and {other.dtype}")
-    for what, width, tile, size in checks:
-        if width % size:
-            raise ValueError(
-                f"impl='mgpu': {what}={width} must be a multiple of the tile {tile}={size}"
-            )
 
 
 def gmm(

@@ -71,30 +71,27 @@ def test_block_gmm_errors_name_the_problem():
     ],
 )
 def test_block_gmm_matches_reference_on_gpu(kind, transpose, tiles):
-    layout, xp, w = _case(kind)
+    layout, out = _matches_reference(_case(kind), transpose, tiles)
+    used = int(layout.group_start[-1]) * 128
+    assert used < out.shape[0] and (out[used:] == 0).all()  # padding blocks: never computed
+
+
+def _matches_reference(case, transpose, tiles):
+    """The kernel's output against the reference grouped matmul (bf16 tolerances)."""
+    layout, xp, w = case
     if transpose:
         w = jnp.swapaxes(w, 1, 2)
-    used = int(layout.group_start[-1]) * 128
     got = bg.gmm(xp, w, layout.block_group, layout.group_start[-1], transpose_rhs=transpose,
                  tiles=tiles)  # fmt: skip
     want = gm.gmm(xp, w, layout, block_size=128, transpose_rhs=transpose, impl="reference")
     a, b = np.float32(got), np.float32(want)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
     np.testing.assert_allclose(a, b, atol=5e-2, rtol=2e-2)
-    assert used < a.shape[0] and (a[used:] == 0).all()  # padding blocks: never computed
+    return layout, a
 
 
 @pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("m", [20000, 3000])  # ~3.6 output tiles per SM of 132; <= 1
 def test_block_gmm_chained_pipelines_on_gpu(transpose, m):
-    layout, xp, w = _case("skewed", m=m)
-    if transpose:
-        w = jnp.swapaxes(w, 1, 2)
-    tiles = bg.TILES.replace(chain=True)
-    got = bg.gmm(xp, w, layout.block_group, layout.group_start[-1], transpose_rhs=transpose,
-                 tiles=tiles)  # fmt: skip
-    want = gm.gmm(xp, w, layout, block_size=128, transpose_rhs=transpose, impl="reference")
-    a, b = np.float32(got), np.float32(want)
-    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
-    np.testing.assert_allclose(a, b, atol=5e-2, rtol=2e-2)
+    _matches_reference(_case("skewed", m=m), transpose, bg.TILES.replace(chain=True))
