@@ -15,8 +15,9 @@ masked stores. Its shape:
 * the epilogue rounds to the operand dtype and stores through shared memory with TMA in
   ``epi x epi`` pieces, double-buffered.
 
-Rows of unused blocks are not written; :func:`gmm` zeroes them with a select that XLA fuses
-into the consumer (the contract of :func:`modjax.kernels.grouped_matmul.gmm`).
+Rows of unused blocks (past ``num_used``) are zero (the contract of
+:func:`modjax.kernels.grouped_matmul.gmm`): after their tiles, the consumer warpgroups store
+zero tiles over them, so no pass over the whole output is needed afterwards.
 
 Why not jax's ``ragged_dot_mgpu``: it handles groups that start mid-tile, with one
 warpgroup and no producer/consumer split; on the H200 it reached 380-480 TFLOP/s at the
@@ -44,6 +45,10 @@ from modjax.typing import Array
 DTYPES = (jnp.bfloat16, jnp.float16)
 #: rows per block this kernel takes (one consumer warpgroup's wgmma tile height)
 BLOCK_M = 128
+#: profiled spans per warpgroup with ``profile_dir`` (3 per tile: keep a profiled call's
+#: tiles per SM under a third of this; 16 bytes of shared memory each, which the default
+#: 4-stage tiling has to spare)
+PROFILE_SPANS = 48
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +93,19 @@ class Tiles:
 #: defaults from the H200 sweep (``benchmarks/gmm_tiles.py --impls block``): bands of 8
 #: along M won at the Mixtral widths (+1-3% over N); 4 stages over 3 by 0-3%.
 TILES = Tiles(minor="m")
+#: contractions up to this wide chain the tiles' pipelines (:func:`default_tiles`)
+CHAIN_MAX_K = 1024
+
+
+def default_tiles(k: int) -> Tiles:
+    """The tiling :func:`gmm` takes for contraction width ``k`` when given none:
+    :data:`TILES`, with chained pipelines (bands along N) up to :data:`CHAIN_MAX_K`. On the
+    H200 chaining gained 8% at K = 512, 1-2% at 1024 and lost 1% at 2048: a short
+    contraction's pipeline fill is a larger share of each tile (``benchmarks/RESULTS.md``)."""
+    chained = TILES.replace(chain=True, minor="n")
+    if k <= CHAIN_MAX_K and (k // chained.tile_k) % chained.stages == 0:
+        return chained
+    return TILES
 
 
 def fits(k: int, n: int, tiles: Tiles | None = None) -> bool:
@@ -148,6 +166,7 @@ def gmm(
     block_size: int = BLOCK_M,
     transpose_rhs: bool = False,
     tiles: Tiles | None = None,
+    profile_dir: str | None = None,
 ) -> Array:
     """``out[b] = x[b] @ w[block_group[b]]`` for the first ``num_used`` blocks of 128 rows.
 
@@ -157,18 +176,23 @@ def gmm(
       block_group: int32 ``[Nb]``: each block's group.
       num_used: int32 scalar: blocks past it are padding (not computed; zero in the result).
       transpose_rhs: multiply by ``w[g].T``.
-      tiles: :class:`Tiles` (default :data:`TILES`).
+      tiles: :class:`Tiles` (default: :func:`default_tiles` of K).
+      profile_dir: a diagnostic: record each warpgroup's ``tile``, ``mainloop`` and
+        ``epilogue`` spans with Mosaic GPU's on-device profiler (:data:`PROFILE_SPANS`
+        per warpgroup, in shared memory) and write a Chrome trace per call to this
+        directory (``benchmarks/block_gmm_profile.py`` reads it).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    t = tiles or TILES
+    t = tiles or default_tiles(x.shape[1])
     check(x, w, block_size, transpose_rhs, t)
     m, k = x.shape
     n = w.shape[1] if transpose_rhs else w.shape[2]
     dtype = x.dtype
     cta_n = 2 * t.tile_n
     n_iters, k_iters = n // cta_n, k // t.tile_k
+    num_blocks = m // BLOCK_M
     itemsize = jnp.dtype(dtype).itemsize
 
     def smem_transforms(minor_elems: int):
@@ -217,6 +241,22 @@ def gmm(
         def _scope(allocs, out_smem):
             used = used_gmem[0]
 
+            def store(out, rows, cols):
+                """This warpgroup's half of a ``128 x cta_n`` output tile, through shared
+                memory with TMA in ``epi x epi`` pieces (``slots`` buffers)."""
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                dst = out_gmem.at[rows, cols].at[:, wg_cols]
+                for i in range(BLOCK_M // t.epi):
+                    for j in range(pieces_n):
+                        slot = (i * pieces_n + j) % slots
+                        plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+                        out_smem[wg, slot] = out[
+                            i * t.epi : (i + 1) * t.epi, j * t.epi : (j + 1) * t.epi
+                        ]
+                        plgpu.commit_smem()
+                        piece = dst.at[pl.ds(i * t.epi, t.epi), pl.ds(j * t.epi, t.epi)]
+                        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], piece)
+
             @plgpu.nd_loop((used * n_iters,), collective_axes="sm")
             def _tiles(info):
                 mi, ni = plgpu.planar_snake(info.index[0], (used, n_iters), minor, t.band)
@@ -227,22 +267,10 @@ def gmm(
                 def context(run):
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((BLOCK_M, t.tile_n)))
                     def _acc(acc):
-                        run(acc)
-                        out = acc[...].astype(dtype)
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                        for i in range(BLOCK_M // t.epi):
-                            for j in range(pieces_n):
-                                slot = (i * pieces_n + j) % slots
-                                plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-                                out_smem[wg, slot] = out[
-                                    i * t.epi : (i + 1) * t.epi, j * t.epi : (j + 1) * t.epi
-                                ]
-                                plgpu.commit_smem()
-                                dst = out_gmem.at[rows, cols].at[:, wg_cols]
-                                plgpu.copy_smem_to_gmem(
-                                    out_smem.at[wg, slot],
-                                    dst.at[pl.ds(i * t.epi, t.epi), pl.ds(j * t.epi, t.epi)],
-                                )
+                        with jax.named_scope("mainloop"):
+                            run(acc)
+                        with jax.named_scope("epilogue"):
+                            store(acc[...].astype(dtype), rows, cols)
 
                 def mma(_, x_smem, w_smem, acc):
                     if transpose_rhs:
@@ -256,7 +284,10 @@ def gmm(
                 w_tiles = w_g.at[cols, :] if transpose_rhs else w_g.at[:, cols]
 
                 def run(state):
-                    pipeline(mma, context, state)(x_gmem.at[rows, :], w_tiles, allocations=allocs)
+                    with jax.named_scope("tile"):
+                        pipeline(mma, context, state)(
+                            x_gmem.at[rows, :], w_tiles, allocations=allocs
+                        )
 
                 if not t.chain:
                     run(None)
@@ -275,6 +306,17 @@ def gmm(
                     mid = jnp.where(i == steps - 1, int(stage.STOP), int(stage.STEADY))
                     run(jnp.where(i == 0, int(stage.START), mid).astype(jnp.int32))
 
+            # the blocks past the used ones get zeros here (the contract of
+            # grouped_matmul.gmm), not in a pass over the whole output afterwards
+            @pl.when(wg < 2)
+            def _zero_spare_blocks():
+                zeros = jnp.zeros((BLOCK_M, t.tile_n), dtype)
+
+                @plgpu.nd_loop(((num_blocks - used) * n_iters,), collective_axes="sm")
+                def _spare(info):
+                    mi, ni = used + info.index[0] // n_iters, info.index[0] % n_iters
+                    store(zeros, pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * cta_n, cta_n))
+
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel = plgpu.kernel(
@@ -284,12 +326,25 @@ def gmm(
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+        compiler_params=plgpu.CompilerParams(
+            lowering_semantics=plgpu.LoweringSemantics.Warpgroup,
+            **(dict(profile_space=PROFILE_SPANS, profile_dir=profile_dir) if profile_dir else {}),
+        ),
     )
     used = jnp.reshape(num_used, (1,)).astype(jnp.int32)
-    out = kernel(block_group.astype(jnp.int32), used, x, w)
-    live = jnp.arange(m)[:, None] < used[0] * BLOCK_M
-    return jnp.where(live, out, jnp.zeros((), dtype))
+    return kernel(block_group.astype(jnp.int32), used, x, w)
 
 
-__all__ = ["BLOCK_M", "DTYPES", "TILES", "Tiles", "check", "check_operands", "fits", "gmm"]
+__all__ = [
+    "BLOCK_M",
+    "CHAIN_MAX_K",
+    "DTYPES",
+    "PROFILE_SPANS",
+    "TILES",
+    "Tiles",
+    "check",
+    "check_operands",
+    "default_tiles",
+    "fits",
+    "gmm",
+]

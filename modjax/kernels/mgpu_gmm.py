@@ -12,8 +12,8 @@ bf16 or f16.
 
 Differences from the other implementations, all handled here:
 
-* rows past the used blocks are never written by the kernels; :func:`gmm` zeroes them (a
-  select that XLA fuses into the consumer);
+* rows past the used blocks: the block kernel writes zeros there itself; after jax's
+  ragged dot, which leaves them unwritten, :func:`gmm` zeroes them with a select;
 * ``transposed_ragged_dot`` returns the weight gradient in the operand dtype (float32
   accumulation inside, rounded once at the end); :func:`tgmm` casts it to float32 to
   keep :func:`~modjax.kernels.grouped_matmul.tgmm`'s contract, but its precision is the
@@ -24,9 +24,9 @@ Tiles are module defaults (``TILES``, ``T_TILES``, ``mgpu_block_gmm.TILES``), ov
 per call; they come from ``benchmarks/gmm_tiles.py`` on an H200 (``benchmarks/RESULTS.md``).
 There ``tgmm`` runs at 520-600 TFLOP/s at the issue's OLMoE and Mixtral shapes, against
 260-410 for the Triton-lowered Pallas ``tgmm``, so ``impl="auto"`` takes it for the weight
-gradient on Hopper (:func:`supports_tgmm`). The block ``gmm`` runs at 650-725 TFLOP/s on
-Mixtral's widths (Pallas: 580-610) but loses to Pallas on short contractions, so ``auto``
-takes it from ``K >= 2048`` (:func:`prefers_gmm`).
+gradient on Hopper (:func:`supports_tgmm`). The block ``gmm`` runs at 430-475 TFLOP/s at
+K = 512, 675-695 at OLMoE's widths and 720 at Mixtral's (Pallas: 335-345, 505-555,
+590-610), so ``auto`` takes it wherever its tiles fit (:func:`prefers_gmm`).
 """
 
 from __future__ import annotations
@@ -67,20 +67,13 @@ def supports_tgmm(x: Array, dy: Array, tiles=None) -> bool:
     return widths_fit and _runs_here(x, dy)
 
 
-#: The block kernel (:mod:`~modjax.kernels.mgpu_block_gmm`) beats the Pallas kernel once
-#: the contraction is this wide: each of its output tiles pays a fixed cost, which a
-#: short contraction does not hide (not the pipeline fill: chaining the tiles' pipelines
-#: gained 0-2%). On the H200 at K=1024 it ran at 470 TFLOP/s against Pallas's 520; at
-#: K=2048, 570-577 against 560; at 4096-14336, 650-725 against 580-610.
-GMM_MIN_K = 2048
-
-
 def prefers_gmm(x: Array, w: Array, transpose_rhs: bool = False) -> bool:
     """Whether ``impl="auto"`` takes :func:`gmm` for ``x [M, K]`` and weights ``w``: on
-    Hopper, bf16/f16, the block kernel's tiles fit and ``K >= GMM_MIN_K``."""
+    Hopper, bf16/f16, where the block kernel's tiles fit. It beats the Pallas kernel at
+    every width the H200 sweep tried (``benchmarks/gmm_tiles.py``): 676-695 against
+    506-553 TFLOP/s at OLMoE's (K = 1024-2048), 431-473 against 334-344 at K = 512."""
     n = w.shape[1] if transpose_rhs else w.shape[2]
-    wide = x.shape[1] >= GMM_MIN_K and mgpu_block_gmm.fits(x.shape[1], n)
-    return wide and _runs_here(x, w)
+    return mgpu_block_gmm.fits(x.shape[1], n) and _runs_here(x, w)
 
 
 def _band(n: int, t: dict, given) -> dict:
@@ -155,7 +148,6 @@ def tgmm(x: Array, dy: Array, layout, *, block_size: int, tiles=None) -> Array:
 
 __all__ = [
     "DTYPES",
-    "GMM_MIN_K",
     "T_TILES",
     "TILES",
     "check_operands",

@@ -26,8 +26,9 @@ def _case(kind="random", m=3000, k=512, n=768, g=8):
     return layout, jnp.take(x, src, axis=0, mode="fill", fill_value=0), w
 
 
+@pytest.mark.parametrize("tiles", [None, bg.TILES], ids=["chained", "default"])
 @pytest.mark.parametrize("transpose", [False, True])
-def test_block_gmm_lowers_for_cuda(monkeypatch, transpose):
+def test_block_gmm_lowers_for_cuda(monkeypatch, transpose, tiles):
     cpu = jax.devices()
     monkeypatch.setattr(jax, "devices", lambda *a: [type("Gpu", (), {"core_count": 132})()]
                         if not a else cpu)  # fmt: skip
@@ -35,9 +36,15 @@ def test_block_gmm_lowers_for_cuda(monkeypatch, transpose):
     if transpose:
         w = jnp.swapaxes(w, 1, 2)
     fn = jax.jit(lambda x, w: bg.gmm(x, w, layout.block_group, layout.group_start[-1],
-                                     transpose_rhs=transpose))  # fmt: skip
+                                     transpose_rhs=transpose, tiles=tiles))  # fmt: skip
     text = fn.trace(xp, w).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 1
+
+
+def test_short_contractions_chain_their_pipelines():
+    assert bg.default_tiles(512).chain and bg.default_tiles(1024).chain  # K = 256 above too
+    assert bg.default_tiles(2048) == bg.TILES and not bg.TILES.chain
+    assert bg.default_tiles(640) == bg.TILES  # 10 steps of 64: not a whole number of 4 stages
 
 
 def test_block_gmm_errors_name_the_problem():
