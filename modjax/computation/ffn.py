@@ -212,16 +212,8 @@ def _check_moe(x: Array, routing: Routing, params: PyTree, activation: str) -> N
         )
 
 
-def _combine(y_assign: Array, weight: Array, dtype) -> Array:
-    """``[T, K, D]`` expert outputs, ``[T, K]`` weights -> ``[T, D]``."""
-    out = jnp.einsum(
-        "tkd,tk->td", y_assign, weight.astype(y_assign.dtype), preferred_element_type=jnp.float32
-    )
-    return out.astype(dtype)
-
-
 def _dropless(x, routing, params, activation, block_size, impl, interpret):
-    t, k = routing.expert_index.shape
+    k = routing.expert_index.shape[1]
     ids = routing.expert_index.reshape(-1)
     kept = routing.kept.reshape(-1)  # dropped assignments (e.g. non-finite tokens): no rows
     position, source, layout = gm.sort_to_blocks(ids, routing.num_experts, block_size, kept)
@@ -237,8 +229,7 @@ def _dropless(x, routing, params, activation, block_size, impl, interpret):
         impl=impl,
         interpret=interpret,
     )
-    y_assign = gm.from_blocks(yp, position, source, kept)
-    return _combine(y_assign.reshape(t, k, -1), routing.weight, x.dtype)
+    return gm.combine_from_blocks(yp, routing.weight, position, source, kept, x.dtype)
 
 
 def _batched_expert_ffn(xb: Array, params: PyTree, activation: str) -> Array:
@@ -249,14 +240,13 @@ def _batched_expert_ffn(xb: Array, params: PyTree, activation: str) -> Array:
 
 
 def _capacity(x, routing, params, activation):
-    t, k = routing.expert_index.shape
+    k = routing.expert_index.shape[1]
     e, c = routing.num_experts, routing.buffer_capacity()
     # each assignment's slot and each slot's assignment: gather-only gradients both ways
     position, source, placed = slot_maps(routing.expert_index, routing.slot, routing.kept, e, c)
     xb = gm.to_blocks(x, source, position, placed, k).reshape(e, c, -1)
     yb = _batched_expert_ffn(xb, params, activation).reshape(e * c, -1)
-    y_assign = gm.from_blocks(yb, position, source, placed)
-    return _combine(y_assign.reshape(t, k, -1), routing.weight, x.dtype)
+    return gm.combine_from_blocks(yb, routing.weight, position, source, placed, x.dtype)
 
 
 def _einsum(x, routing, params, activation):

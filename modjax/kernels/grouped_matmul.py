@@ -182,6 +182,66 @@ def _from_blocks_bwd(source, g):
 _from_blocks.defvjp(_from_blocks_fwd, _from_blocks_bwd)
 
 
+def combine_from_blocks_reference(yp, weight, position, source, valid, dtype):
+    """``y[t] = sum_j weight[t, j] * yp[position[t*k + j]]`` over the ``valid`` assignments:
+    :func:`from_blocks` then the weighted sum (weights rounded to ``yp``'s dtype, float32
+    accumulation, the result in ``dtype``)."""
+    t, k = weight.shape
+    rows = from_blocks_reference(yp, position, source, valid).reshape(t, k, -1)
+    out = jnp.einsum("tkd,tk->td", rows, weight.astype(yp.dtype),
+                     preferred_element_type=jnp.float32)  # fmt: skip
+    return out.astype(dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _combine_from_blocks(yp, weight, position, source, valid, dtype):
+    return combine_from_blocks_reference(yp, weight, position, source, valid, dtype)
+
+
+def _combine_from_blocks_fwd(yp, weight, position, source, valid, dtype):
+    out = _combine_from_blocks(yp, weight, position, source, valid, dtype)
+    return out, (yp, weight, position, source, valid)
+
+
+def _combine_from_blocks_bwd(dtype, res, dy):
+    yp, weight, position, source, valid = res
+    t, k = weight.shape
+    f32 = jnp.float32
+    # each padded row's gradient straight from its token's: no [T, k, D] buffer between
+    w_row = jnp.take(weight.astype(yp.dtype).reshape(-1), source, mode="fill", fill_value=0)
+    dy_row = jnp.take(dy, source // k, axis=0, mode="fill", fill_value=0)
+    dyp = (dy_row.astype(f32) * w_row.astype(f32)[:, None]).astype(yp.dtype)
+    rows = from_blocks_reference(yp, position, source, valid).reshape(t, k, -1)
+    dw = jnp.einsum("tkd,td->tk", rows, dy.astype(yp.dtype), preferred_element_type=f32)
+    return dyp, dw.astype(weight.dtype), None, None, None
+
+
+_combine_from_blocks.defvjp(_combine_from_blocks_fwd, _combine_from_blocks_bwd)
+
+
+def combine_from_blocks(
+    yp: Array, weight: Array, position: Array, source: Array, valid: Array, dtype=None
+) -> Array:
+    """The MoE combine out of the block-padded layout: ``[P, D]`` rows and ``[T, k]``
+    weights to ``[T, D]``, ``y[t] = sum_j weight[t, j] * yp[position[t*k + j]]`` over the
+    ``valid`` assignments, in ``dtype`` (default ``yp``'s).
+
+    The same function as :func:`from_blocks` followed by the weighted sum, with a
+    gradient that gathers each padded row's from its token's (``dy[t] * weight[t, j]``)
+    instead of building the ``[T, k, D]`` assignment gradient and gathering from that (on
+    the H200 at OLMoE's shape that buffer cost 0.16 ms to write and its gather 0.43 ms).
+    """
+    t, k = weight.shape
+    if position.shape != (t * k,) or valid.shape != position.shape:
+        raise ValueError(
+            f"position {position.shape} and valid {valid.shape} must be [T*k] = [{t * k}] "
+            f"for weight {weight.shape}"
+        )
+    if source.shape != (yp.shape[0],):
+        raise ValueError(f"source {source.shape} must be [P] = [{yp.shape[0]}]")
+    return _combine_from_blocks(yp, weight, position, source, valid, jnp.dtype(dtype or yp.dtype))
+
+
 def inverse_permutation(perm: Array) -> Array:
     """``inv`` with ``inv[perm[i]] = i`` (``argsort(perm)`` without the sort)."""
     return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=perm.dtype))

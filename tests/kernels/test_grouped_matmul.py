@@ -120,6 +120,47 @@ def test_block_moves_match_plain_take_values_and_grads(k):
         gm.to_blocks(x[:-1], src, pos, valid, k)
 
 
+@pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_combine_from_blocks_matches_reference_values_and_grads(k, kind, dtype):
+    # the fused combine (its gradient gathers each padded row from its token's) against
+    # from_blocks + the weighted sum, for the rows and the weights
+    rng = np.random.default_rng(20 + k)
+    t, d, g, bs = 37, 10, 6, 8
+    ids = jnp.asarray(_ids(rng, t * k, g, kind))
+    valid = jnp.asarray(rng.random(t * k) < 0.8)
+    pos, src, _ = gm.sort_to_blocks(ids, g, bs, valid)
+    yp = jnp.asarray(rng.normal(size=(src.shape[0], d)), dtype)
+    weight = jnp.asarray(rng.random(size=(t, k)), jnp.float32)
+    probe = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+
+    def loss(combine):
+        def f(yp, weight):
+            y = combine(jnp.tanh(yp) * 2, weight * 1.5, pos, src, valid, dtype)
+            assert y.shape == (t, d) and y.dtype == dtype
+            return jnp.sum(jnp.sin(y.astype(jnp.float32)) * probe)
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))
+
+    got = loss(gm.combine_from_blocks)(yp, weight)
+    want = loss(gm.combine_from_blocks_reference)(yp, weight)
+    tol = 1e-5 if dtype == jnp.float32 else 2e-2
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   rtol=tol, atol=tol)  # fmt: skip
+    assert float(jnp.abs(got[1][0]).sum()) > 0 and float(jnp.abs(got[1][1]).sum()) > 0
+    # padding rows and dropped assignments get no gradient
+    dyp, dw = got[1]
+    assert (np.asarray(dyp, np.float32)[np.asarray(src) >= t * k] == 0).all()
+    assert (np.asarray(dw)[~np.asarray(valid).reshape(t, k)] == 0).all()
+    with pytest.raises(ValueError, match=r"must be \[T\*k\]"):
+        gm.combine_from_blocks(yp, weight[:-1], pos, src, valid)
+    with pytest.raises(ValueError, match=r"source .* must be \[P\]"):
+        gm.combine_from_blocks(yp[:-1], weight, pos, src, valid)
+
+
 def test_permute_rows_values_grads_and_no_scatter():
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.normal(size=(23, 4)), jnp.float32)
