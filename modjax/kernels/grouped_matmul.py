@@ -226,10 +226,12 @@ def combine_from_blocks(
     weights to ``[T, D]``, ``y[t] = sum_j weight[t, j] * yp[position[t*k + j]]`` over the
     ``valid`` assignments, in ``dtype`` (default ``yp``'s).
 
-    The same function as :func:`from_blocks` followed by the weighted sum, with a
-    gradient that gathers each padded row's from its token's (``dy[t] * weight[t, j]``)
-    instead of building the ``[T, k, D]`` assignment gradient and gathering from that (on
-    the H200 at OLMoE's shape that buffer cost 0.16 ms to write and its gather 0.43 ms).
+    The same function as :func:`from_blocks` followed by the weighted sum
+    (:func:`combine_from_blocks_reference`, its twin in the tests), with a gradient that
+    gathers each padded row's gradient straight from its token's (``dy[t] *
+    weight[t, j]``) instead of building the ``[T, k, D]`` assignment gradient and gathering
+    from that (on the H200 at OLMoE's shape that buffer cost 0.16 ms to write and its
+    gather 0.43 ms; backward temporaries went from 2416 to 1905 MiB).
     """
     t, k = weight.shape
     if position.shape != (t * k,) or valid.shape != position.shape:
