@@ -40,6 +40,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from modjax.kernels import mgpu_gmm
 from modjax.typing import Array
@@ -113,8 +114,7 @@ def sort_to_blocks(
         group_ids = jnp.where(valid, group_ids, num_groups)
     sizes = jnp.zeros((num_groups,), jnp.int32).at[group_ids].add(1, mode="drop")
     layout = group_layout(sizes, m, block_size)
-    order = jnp.argsort(group_ids, stable=True)
-    sorted_ids = group_ids[order]
+    order, sorted_ids = _stable_sort_by_group(group_ids, num_groups + 1)
     ids_in_range = jnp.minimum(sorted_ids, num_groups - 1)
     row_start = jnp.cumsum(sizes) - sizes
     rank = jnp.arange(m, dtype=jnp.int32) - row_start[ids_in_range]
@@ -124,6 +124,24 @@ def sort_to_blocks(
     position = jnp.zeros((m,), jnp.int32).at[order].set(pos_sorted)
     source = jnp.full((padded_rows,), m, jnp.int32).at[position].set(jnp.arange(m), mode="drop")
     return jnp.where(position < padded_rows, position, 0), source, layout
+
+
+def _stable_sort_by_group(group_ids: Array, num_keys: int) -> tuple[Array, Array]:
+    """``(order, group_ids[order])`` with ``order = argsort(group_ids, stable=True)``, for
+    ids in ``[0, num_keys)``.
+
+    Where ``num_keys * M`` fits in int32, one sort of the unique keys ``id * M + row``
+    (same order: ties broken by row) instead of argsort's two-operand stable sort, which
+    XLA:CPU runs ~5x slower (16384 rows: 0.6 ms against 3-4 ms on a 2-core CPU).
+    """
+    m = group_ids.shape[0]
+    rows = jnp.arange(m, dtype=jnp.int32)
+    if num_keys * m > jnp.iinfo(jnp.int32).max:
+        order = jnp.argsort(group_ids, stable=True).astype(jnp.int32)
+        return order, group_ids[order]
+    keys = lax.sort(group_ids * m + rows)
+    sorted_ids = keys // m
+    return keys - sorted_ids * m, sorted_ids
 
 
 # --------------------------------------------------------------------------------------

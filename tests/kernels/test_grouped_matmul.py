@@ -70,6 +70,23 @@ def test_sort_to_blocks_layout():
         assert (np.diff(pos[ids == e]) > 0).all()
 
 
+@pytest.mark.parametrize("kind", ["random", "skewed", "empty", "one"])
+@pytest.mark.parametrize("packed", [True, False])
+def test_stable_sort_by_group_is_stable_argsort(kind, packed):
+    # the packed-key sort and its argsort fallback (keys too wide for int32) both equal
+    # numpy's stable argsort
+    rng = np.random.default_rng(3)
+    m, g = 997, 9
+    ids = _ids(rng, m, g, kind)
+    num_keys = g + 1 if packed else np.iinfo(np.int32).max // m + 1
+    order, sorted_ids = jax.jit(gm._stable_sort_by_group, static_argnums=1)(
+        jnp.asarray(ids, jnp.int32), num_keys
+    )
+    want = np.argsort(ids, kind="stable")
+    np.testing.assert_array_equal(np.asarray(order), want)
+    np.testing.assert_array_equal(np.asarray(sorted_ids), ids[want])
+
+
 def test_sort_to_blocks_skips_invalid_rows():
     # invalid rows (padding, dropped assignments) take no place in any block
     rng = np.random.default_rng(1)
