@@ -77,6 +77,11 @@ BLOCK_GMM += [  # short contractions: overlap consecutive wgmmas, one-piece epil
                dict(wait=1, stages=3), dict(chain=True), dict(chain=True, minor="n"),
                dict(chain=True, stages=2))
 ]  # fmt: skip
+BLOCK_TGMM = [  # modjax's own weight-gradient kernel (not yet measured: 2026-12-01)
+    mgpu_block_gmm.T_TILES,
+    mgpu_block_gmm.TTiles(band=8),
+    mgpu_block_gmm.TTiles(tile_n=64, tile_r=128, stages=2),
+]
 IMPLS = ("pallas", "mgpu", "block")
 
 
@@ -105,6 +110,8 @@ def _operands(kind, t, d, f, e, k, key):
 def _call(kind, impl, tiles, layout):
     from modjax.kernels import mgpu_gmm, pallas_gmm
 
+    if impl == "block" and kind.startswith("tg"):
+        return jax.jit(lambda a, b: mgpu_block_gmm.tgmm(a, b, layout.group_start, tiles=tiles))
     if impl == "block":
         trans = kind.endswith("_t")
         used = layout.group_start[-1]
@@ -137,7 +144,7 @@ def _candidates(kind, impls):
     table = {
         "pallas": PALLAS_TGMM if tg else PALLAS_GMM,
         "mgpu": MGPU_TGMM if tg else MGPU_GMM,
-        "block": [] if tg else BLOCK_GMM,  # no weight-gradient kernel of its own
+        "block": BLOCK_TGMM if tg else BLOCK_GMM,
     }
     return [("dense", None)] + [(impl, c) for impl in impls for c in table[impl]]
 

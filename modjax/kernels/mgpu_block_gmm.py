@@ -335,16 +335,199 @@ def gmm(
     return kernel(block_group.astype(jnp.int32), used, x, w)
 
 
+@dataclasses.dataclass(frozen=True)
+class TTiles:
+    """Tiling of :func:`tgmm`.
+
+    Attributes:
+      tile_n: output columns per consumer warpgroup (the CTA's tile is
+        ``128 x 2*tile_n`` of ``[K, N]``).
+      tile_r: rows of the contraction per pipeline stage, 64 or 128 (a 128-row block is
+        ``128 / tile_r`` stages).
+      stages: pipeline stages in flight (shared memory: ``stages * (128 + 2*tile_n) *
+        tile_r * 2`` bytes, plus the float32 epilogue's ``2 * 2 * 64 * 64 * 4``).
+      band: output tiles of one group are visited in bands of this many along N.
+    """
+
+    tile_n: int = 128
+    tile_r: int = 64
+    stages: int = 3
+    band: int = 4
+
+    def replace(self, **kw) -> TTiles:
+        return dataclasses.replace(self, **kw)
+
+
+T_TILES = TTiles()
+
+
+def tgmm(
+    x: Array,
+    dy: Array,
+    group_start: Array,
+    *,
+    block_size: int = BLOCK_M,
+    tiles: TTiles | None = None,
+) -> Array:
+    """Per-group ``x^T dy`` over the block-padded layout, float32 ``[G, K, N]``.
+
+    ``out[g] = x[rows(g)]^T @ dy[rows(g)]`` where ``rows(g)`` are the rows of blocks
+    ``group_start[g] .. group_start[g + 1]`` (whole 128-row blocks: no masking at group
+    boundaries); an empty group's gradient is zero. The same structure as :func:`gmm`:
+    persistent programs over the ``[K, N]`` output tiles of every group, a TMA producer
+    warpgroup, two ``wgmma`` consumer warpgroups (``x``'s tile transposed in shared
+    memory), float32 accumulators stored as float32 (jax's ``transposed_ragged_dot``
+    rounds its result to the operand dtype).
+
+    Written for the H200 and not yet run on one: ``impl="auto"`` and ``impl="mgpu"`` keep
+    jax's kernel for the weight gradient until it is measured
+    (``mgpu_gmm.tgmm(..., kernel="block")`` selects it). Its CPU tests check the lowering
+    and the errors; ``tests/kernels/test_mgpu_block_gmm.py`` holds it to the reference on
+    a GPU.
+
+    Args:
+      x: ``[Nb * 128, K]`` bf16/f16.
+      dy: ``[Nb * 128, N]``, x's dtype.
+      group_start: int32 ``[G + 1]``, the layout's first block of each group.
+      tiles: :class:`TTiles` (default :data:`T_TILES`).
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    t = tiles or T_TILES
+    if block_size != BLOCK_M:
+        raise ValueError(f"the Mosaic GPU block tgmm needs block_size={BLOCK_M}, got {block_size}")
+    if x.shape[0] != dy.shape[0] or x.shape[0] % BLOCK_M:
+        raise ValueError(
+            f"x {x.shape} and dy {dy.shape} must have the same rows, whole {BLOCK_M}-row blocks"
+        )
+    if t.tile_r not in (64, 128):  # wgmma on a transposed 16-bit operand: 64-row steps
+        raise ValueError(f"tiles.tile_r must be 64 or 128, got {t.tile_r}")
+    k, n = x.shape[1], dy.shape[1]
+    check_operands(
+        x,
+        dy,
+        [("K (x width)", k, "128", BLOCK_M), ("N (dy width)", n, "2*tile_n", 2 * t.tile_n)],
+    )
+    num_groups = group_start.shape[0] - 1
+    cta_n = 2 * t.tile_n
+    k_tiles, n_tiles = k // BLOCK_M, n // cta_n
+    steps_per_block = BLOCK_M // t.tile_r
+    itemsize = jnp.dtype(x.dtype).itemsize
+    epi = 64
+
+    def transforms(minor_elems: int, size: int):
+        swizzle = plgpu.find_swizzle(minor_elems * size * 8)
+        return (plgpu.TilingTransform((8, swizzle // size)), plgpu.SwizzleTransform(swizzle))
+
+    x_transforms = transforms(BLOCK_M, itemsize)
+    dy_transforms = transforms(cta_n, itemsize)
+    out_transforms = transforms(epi, 4)
+    pieces = (BLOCK_M // epi) * (t.tile_n // epi)
+
+    def body(start_gmem, x_gmem, dy_gmem, out_gmem):
+        wg = lax.axis_index("wg")
+        wg_cols = pl.ds(wg * t.tile_n, t.tile_n)
+
+        def pipeline(mma, context, first_step=0, steps=1):
+            spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM)
+            return plgpu.emit_pipeline_warp_specialized(
+                mma,
+                grid=(steps,),
+                memory_registers=40,
+                in_specs=[
+                    spec(
+                        (t.tile_r, BLOCK_M), lambda s: (first_step + s, 0), transforms=x_transforms
+                    ),
+                    spec(
+                        (t.tile_r, cta_n), lambda s: (first_step + s, 0), transforms=dy_transforms
+                    ),
+                ],  # fmt: skip
+                wg_axis="wg",
+                num_compute_wgs=2,
+                max_concurrent_steps=t.stages,
+                compute_context=context,
+            )
+
+        def noop(*_, **__):
+            return None
+
+        allocs = pipeline(noop, noop).get_allocations(
+            x_gmem.at[:, pl.ds(0, BLOCK_M)], dy_gmem.at[:, pl.ds(0, cta_n)]
+        )
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=allocs,
+            out_smem=plgpu.SMEM((2, 2, epi, epi), jnp.float32, transforms=out_transforms),
+            collective_axes="wg",
+        )
+        def _scope(allocs, out_smem):
+            @plgpu.nd_loop((num_groups * k_tiles * n_tiles,), collective_axes="sm")
+            def _tiles(info):
+                g = info.index[0] // (k_tiles * n_tiles)
+                ki, ni = plgpu.planar_snake(
+                    info.index[0] % (k_tiles * n_tiles), (k_tiles, n_tiles), 1, t.band
+                )
+                first, last = start_gmem[g], start_gmem[g + 1]
+                kcols = pl.ds(ki * BLOCK_M, BLOCK_M)
+                ncols = pl.ds(ni * cta_n, cta_n)
+
+                def context(run):
+                    @functools.partial(pl.run_scoped, acc=plgpu.ACC((BLOCK_M, t.tile_n)))
+                    def _acc(acc):
+                        run(acc)
+                        out = acc[...]
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                        dst = out_gmem.at[g, kcols, ncols].at[:, wg_cols]
+                        for p in range(pieces):
+                            i, j = divmod(p, t.tile_n // epi)
+                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                            out_smem[wg, p % 2] = out[i * epi : (i + 1) * epi,
+                                                      j * epi : (j + 1) * epi]  # fmt: skip
+                            plgpu.commit_smem()
+                            plgpu.copy_smem_to_gmem(
+                                out_smem.at[wg, p % 2],
+                                dst.at[pl.ds(i * epi, epi), pl.ds(j * epi, epi)],
+                            )
+
+                def mma(_, x_smem, dy_smem, acc):
+                    plgpu.wgmma(acc, plgpu.transpose_ref(x_smem, (1, 0)), dy_smem.at[:, wg_cols])
+                    plgpu.wgmma_wait(0)
+                    return acc
+
+                steps = (last - first) * steps_per_block
+                pipeline(mma, context, first * steps_per_block, steps)(
+                    x_gmem.at[:, kcols], dy_gmem.at[:, ncols], allocations=allocs
+                )
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_groups, k, n), jnp.float32),
+        grid=(_num_sms(),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    return kernel(group_start.astype(jnp.int32), x, dy)
+
+
 __all__ = [
     "BLOCK_M",
     "CHAIN_MAX_K",
     "DTYPES",
     "PROFILE_SPANS",
     "TILES",
+    "TTiles",
+    "T_TILES",
     "Tiles",
     "check",
     "check_operands",
     "default_tiles",
     "fits",
     "gmm",
+    "tgmm",
 ]

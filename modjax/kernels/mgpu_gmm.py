@@ -133,8 +133,20 @@ def gmm(
     return jnp.where(jnp.arange(x.shape[0])[:, None] < used, out, jnp.zeros((), out.dtype))
 
 
-def tgmm(x: Array, dy: Array, layout, *, block_size: int, tiles=None) -> Array:
-    """Per-group ``x^T dy``, float32 ``[G, K, N]`` (rounded to the operand dtype first)."""
+def tgmm(
+    x: Array, dy: Array, layout, *, block_size: int, tiles=None, kernel: str = "ragged"
+) -> Array:
+    """Per-group ``x^T dy``, float32 ``[G, K, N]``.
+
+    ``kernel``: ``"ragged"`` (jax's ``transposed_ragged_dot``, rounded to the operand dtype
+    first; ``tiles`` a dict like :data:`T_TILES`), or ``"block"``
+    (:func:`modjax.kernels.mgpu_block_gmm.tgmm`, float32 throughout; ``tiles`` a
+    ``TTiles``), which has not run on a GPU yet and is not the default.
+    """
+    if kernel == "block":
+        return mgpu_block_gmm.tgmm(x, dy, layout.group_start, block_size=block_size, tiles=tiles)
+    if kernel != "ragged":
+        raise ValueError(f"kernel must be 'ragged' or 'block', got {kernel!r}")
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
 
     t = _band(dy.shape[1], {**T_TILES, **(tiles or {})}, tiles)

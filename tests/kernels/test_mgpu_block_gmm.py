@@ -102,3 +102,46 @@ def _matches_reference(case, transpose, tiles):
 @pytest.mark.parametrize("m", [20000, 3000])  # ~3.6 output tiles per SM of 132; <= 1
 def test_block_gmm_chained_pipelines_on_gpu(transpose, m):
     _matches_reference(_case("skewed", m=m), transpose, bg.TILES.replace(chain=True))
+
+
+def test_block_tgmm_lowers_for_cuda_and_names_bad_input(monkeypatch):
+    cpu = jax.devices()
+    monkeypatch.setattr(jax, "devices", lambda *a: [type("Gpu", (), {"core_count": 132})()]
+                        if not a else cpu)  # fmt: skip
+    layout, xp, _ = _case(m=700, k=256, n=512)
+    dy = jnp.ones((xp.shape[0], 512), xp.dtype)
+    fn = jax.jit(lambda x, dy: bg.tgmm(x, dy, layout.group_start))
+    text = fn.trace(xp, dy).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("custom_call @mosaic_gpu") == 1
+    assert fn.eval_shape(xp, dy).shape == (layout.group_start.shape[0] - 1, 256, 512)
+    with pytest.raises(ValueError, match="needs block_size=128, got 64"):
+        bg.tgmm(xp, dy, layout.group_start, block_size=64)
+    with pytest.raises(ValueError, match="same rows"):
+        bg.tgmm(xp, dy[:-128], layout.group_start)
+    with pytest.raises(ValueError, match=r"N \(dy width\)=384 must be a multiple"):
+        bg.tgmm(xp, dy[:, :384], layout.group_start)
+    with pytest.raises(ValueError, match="float16 operands; x is float32"):
+        bg.tgmm(xp.astype(jnp.float32), dy.astype(jnp.float32), layout.group_start)
+    with pytest.raises(ValueError, match="tiles.tile_r must be 64 or 128, got 32"):
+        bg.tgmm(xp, dy, layout.group_start, tiles=bg.TTiles(tile_r=32))
+    wide = bg.TTiles(tile_n=64, tile_r=128, stages=2)
+    other = jax.jit(lambda x, dy: bg.tgmm(x, dy, layout.group_start, tiles=wide))
+    assert "mosaic_gpu" in other.trace(xp, dy).lower(lowering_platforms=("cuda",)).as_text()
+
+
+@pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
+@pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
+@pytest.mark.parametrize("tiles", [bg.T_TILES, bg.TTiles(tile_n=64, tile_r=128, stages=2, band=2)])
+def test_block_tgmm_matches_reference_on_gpu(kind, tiles):
+    layout, xp, _ = _case(kind)
+    dy = jax.random.normal(jax.random.PRNGKey(3), (xp.shape[0], 512), jnp.float32)
+    live = jnp.arange(xp.shape[0])[:, None] < layout.group_start[-1] * 128
+    dy = jnp.where(live, dy, 0).astype(xp.dtype)  # the layout's padding rows are zero
+    got = bg.tgmm(xp, dy, layout.group_start, tiles=tiles)
+    want = gm.tgmm(xp, dy, layout, block_size=128, impl="reference")
+    assert got.dtype == jnp.float32 and got.shape == want.shape
+    a, b = np.asarray(got), np.float32(want)
+    assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
+    np.testing.assert_allclose(a, b, atol=5e-2, rtol=2e-2)
+    empty = np.asarray(layout.group_start[1:] == layout.group_start[:-1])
+    assert (a[empty] == 0).all()  # an empty group's gradient is written as zeros
