@@ -24,6 +24,10 @@ warpgroup and no producer/consumer split; on the H200 it reached 380-480 TFLOP/s
 OLMoE widths, below the Triton-lowered Pallas kernel (``benchmarks/RESULTS.md``). The
 block layout lets this kernel take the structure of a dense Hopper matmul instead.
 
+:func:`tgmm`, the per-group weight gradient ``x^T dy``, has the same structure over the
+``[K, N]`` tiles of every group. It was written on 2026-12-01 after the GPU time of that
+session was spent: it lowers, but it has not run on a GPU, so no default path takes it.
+
 Compiles for NVIDIA Hopper (sm_90a) only, bf16/f16. The reference twin is
 ``grouped_matmul._gmm_reference``; ``tests/kernels/test_mgpu_block_gmm.py`` holds them
 equal on a GPU (and, through ``impl="mgpu"`` with gradients, ``test_mgpu_gmm.py``) and
