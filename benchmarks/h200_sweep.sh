@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call of H200 measurements for issues 4, 5 and 7, logs and traces under $OUT,
 # a short summary printed last. Fits the device tool's 10-minute call on nvidia-h200
-# (~6 min) or nvidia-h200-x2 (~7 min: the GPU tests run beside the train steps, and the
+# (~8 min) or nvidia-h200-x2 (~8 min: the GPU tests run beside the train steps, and the
 # expert-parallel scaling runs on both GPUs).
 #
 #   bash benchmarks/h200_sweep.sh                  # OUT defaults to /tmp/h200_sweep
@@ -28,6 +28,9 @@
 #     (~3 min): traces of dense and dropless fwd+bwd at the three shapes, tabled by op
 #   SWEEP=tiles bash benchmarks/h200_sweep.sh     # the grouped-matmul kernel tile sweep
 #     (gmm_tiles.py, ~4 min): where impl="auto"'s choices and the kernels' tiles come from
+#   SWEEP=block bash benchmarks/h200_sweep.sh     # modjax's block kernels (~6 min): their
+#     GPU tests (the weight-gradient kernel mgpu_block_gmm.tgmm has not run on a GPU
+#     before), its sweep against jax's at the three shapes, and the block gmm's profile
 set -u
 OUT=${OUT:-/tmp/h200_sweep}
 mkdir -p "$OUT"
@@ -72,6 +75,19 @@ if [[ "${SWEEP:-train}" == moe ]]; then
   exit 0
 fi
 
+if [[ "${SWEEP:-train}" == block ]]; then
+  MODJAX_GPU_TESTS=1 JAX_PLATFORMS=cuda timeout 150 python3 -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_mgpu_block_gmm.py > "$OUT/block_tests.log" 2>&1
+  timeout 240 python3 benchmarks/gmm_tiles.py --shapes olmoe,mixtral,small --budget 220 \
+    --impls mgpu,block --kinds tg_up,tg_down --out "$OUT/gmm_tgmm.jsonl" > "$OUT/gmm_tgmm.log" 2>&1
+  timeout 100 python3 benchmarks/block_gmm_profile.py --out /tmp/block_profile \
+    > "$OUT/block_profile.log" 2>&1
+  cat "$OUT/env.txt"; tail -1 "$OUT/block_tests.log"; grep -E "^FAILED" "$OUT/block_tests.log"
+  sed -n '/^device/,$p' "$OUT/gmm_tgmm.log"; grep -c error "$OUT/gmm_tgmm.log"
+  tail -8 "$OUT/block_profile.log"
+  exit 0
+fi
+
 ts() {  # ts GPU TIMEOUT ARGS...
   local gpu=$1 limit=$2
   shift 2
@@ -85,10 +101,11 @@ gpu_tests() {
 }
 
 (
-  ts 0 70 > "$OUT/ts_default.log" 2>&1
-  XLA_FLAGS="$NOCB" ts 0 90 --steps 10 --profile "$OUT/prof_train_step" > "$OUT/ts_prof.log" 2>&1
+  # the MoE step compiles in ~68 s since the block kernel runs at every width (was 49 s)
+  ts 0 110 > "$OUT/ts_default.log" 2>&1
+  XLA_FLAGS="$NOCB" ts 0 120 --steps 10 --profile "$OUT/prof_train_step" > "$OUT/ts_prof.log" 2>&1
   ts 0 80 --every 1000 > "$OUT/ts_dense.log" 2>&1
-  ts 0 90 --batch 64 > "$OUT/ts_b64.log" 2>&1
+  ts 0 120 --batch 64 > "$OUT/ts_b64.log" 2>&1
 ) &
 if [[ $NGPU -ge 2 ]]; then
   ( gpu_tests 1 > "$OUT/gpu_tests.log" 2>&1
