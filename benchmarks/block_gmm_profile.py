@@ -17,8 +17,8 @@ all tiles of all SMs, in SM clock cycles:
 
 With the profiler, a program records at most ``PROFILE_SPANS`` spans per warpgroup, so
 the profiled problem is cut to ``--tiles-per-sm`` tiles per SM (its blocks spread over
-``--groups`` groups). Each tiling is also timed without the profiler at the profiled
-shape (``TFLOP/s``), to show what the profiler itself costs.
+``--groups`` groups), and the trace is of the first profiled call. Each tiling is also
+timed without the profiler at the profiled shape (``TFLOP/s``).
 
   PYTHONPATH=. python benchmarks/block_gmm_profile.py --out /tmp/prof
 """
@@ -44,7 +44,8 @@ SHAPES = {
     "down": (1024, 2048, False),
     "down_t": (1024, 2048, True),
 }
-#: tilings profiled: the default, its 3-stage twin and chained pipelines
+#: tilings profiled: ``TILES`` (the default from K = 2048; below, ``default_tiles`` chains
+#: the pipelines with bands along N), its 3-stage twin, chained pipelines and 128-wide tiles
 TILINGS = {
     "default": bg.TILES,
     "stages3": bg.TILES.replace(stages=3),
@@ -132,12 +133,12 @@ def run(shape, tiling, tiles_per_sm, groups, out_dir, iters=20):
     prof = jax.jit(
         lambda x, w: bg.gmm(x, w, group, used, transpose_rhs=transpose, tiles=t, profile_dir=d)
     )
-    for _ in range(3):
-        got = jax.block_until_ready(prof(x, w))
+    got = jax.block_until_ready(prof(x, w))
     jax.effects_barrier()
     err = float(jnp.max(jnp.abs(got.astype(jnp.float32) - ref.astype(jnp.float32))))
-    last = sorted(glob.glob(os.path.join(d, "*-trace.json")))[-1]
-    with open(last) as f:
+    # one trace per kernel and directory: jax keeps the first call's (a later call warns)
+    first = sorted(glob.glob(os.path.join(d, "*-trace.json")))[0]
+    with open(first) as f:
         trace = json.load(f)
     tile_flops = 2 * bg.BLOCK_M * 2 * t.tile_n * t.tile_k
     row = {"shape": shape, "K": k, "N": n, "tiling": tiling, "blocks": blocks,
