@@ -130,6 +130,8 @@ def run(shape, tiling, tiles_per_sm, groups, out_dir, iters=20):
 
     d = os.path.join(out_dir, f"{shape}-{tiling}")
     os.makedirs(d, exist_ok=True)
+    for old in glob.glob(os.path.join(d, "*-trace.json")):  # an earlier run's
+        os.remove(old)
     prof = jax.jit(
         lambda x, w: bg.gmm(x, w, group, used, transpose_rhs=transpose, tiles=t, profile_dir=d)
     )
