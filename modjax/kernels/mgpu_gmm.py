@@ -26,7 +26,8 @@ There ``tgmm`` runs at 520-600 TFLOP/s at the issue's OLMoE and Mixtral shapes, 
 260-410 for the Triton-lowered Pallas ``tgmm``, so ``impl="auto"`` takes it for the weight
 gradient on Hopper (:func:`supports_tgmm`). The block ``gmm`` runs at 430-475 TFLOP/s at
 K = 512, 675-695 at OLMoE's widths and 720 at Mixtral's (Pallas: 335-345, 505-555,
-590-610), so ``auto`` takes it wherever its tiles fit (:func:`prefers_gmm`).
+590-610), so ``auto`` takes it wherever its tiles fit from K = 512 on
+(:func:`prefers_gmm`).
 """
 
 from __future__ import annotations
@@ -67,13 +68,20 @@ def supports_tgmm(x: Array, dy: Array, tiles=None) -> bool:
     return widths_fit and _runs_here(x, dy)
 
 
+#: ``impl="auto"`` takes the block kernel from this contraction width on: the narrowest
+#: its GPU tests and timings reach (a pipeline of at least 8 steps of 64)
+GMM_MIN_K = 512
+
+
 def prefers_gmm(x: Array, w: Array, transpose_rhs: bool = False) -> bool:
     """Whether ``impl="auto"`` takes :func:`gmm` for ``x [M, K]`` and weights ``w``: on
-    Hopper, bf16/f16, where the block kernel's tiles fit. It beats the Pallas kernel at
-    every width the H200 sweep tried (``benchmarks/gmm_tiles.py``): 676-695 against
-    506-553 TFLOP/s at OLMoE's (K = 1024-2048), 431-473 against 334-344 at K = 512."""
+    Hopper, bf16/f16, where the block kernel's tiles fit and ``K >= GMM_MIN_K``. It beats
+    the Pallas kernel at every width the H200 sweep tried (``benchmarks/gmm_tiles.py``):
+    676-695 against 506-553 TFLOP/s at OLMoE's (K = 1024-2048), 431-473 against 334-344
+    at K = 512."""
     n = w.shape[1] if transpose_rhs else w.shape[2]
-    return mgpu_block_gmm.fits(x.shape[1], n) and _runs_here(x, w)
+    k = x.shape[1]
+    return k >= GMM_MIN_K and mgpu_block_gmm.fits(k, n) and _runs_here(x, w)
 
 
 def _band(n: int, t: dict, given) -> dict:
@@ -160,6 +168,7 @@ def tgmm(
 
 __all__ = [
     "DTYPES",
+    "GMM_MIN_K",
     "T_TILES",
     "TILES",
     "check_operands",

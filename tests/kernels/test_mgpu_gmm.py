@@ -110,7 +110,10 @@ def test_auto_takes_mgpu_for_the_weight_gradient_on_hopper_only(monkeypatch):
     assert gm._pick("auto", "tgmm", x, dy, 128, False) == "mgpu"
     w = jnp.zeros((4, 256, 384), jnp.bfloat16)
     assert gm._pick("auto", "gmm", x, w, 128, False) == "pallas"  # N = 384: tiles don't fit
-    assert gm._pick("auto", "gmm", x, w[..., :256], 128, False) == "mgpu"  # short K is fine
+    assert gm._pick("auto", "gmm", x, w[..., :256], 128, False) == "pallas"  # K < 512
+    x512 = jnp.zeros((256, 512), jnp.bfloat16)
+    w512 = jnp.zeros((4, 512, 256), jnp.bfloat16)
+    assert gm._pick("auto", "gmm", x512, w512, 128, False) == "mgpu"  # K = 512: GPU-tested
     sds = jax.ShapeDtypeStruct
     wide = sds((8, 4096, 14336), jnp.bfloat16)  # Mixtral's experts
     xw = sds((1024, 4096), jnp.bfloat16)
@@ -138,12 +141,12 @@ def test_auto_gradient_lowers_to_the_kernels_whose_tiles_fit(monkeypatch):
     cpu = jax.devices()
     monkeypatch.setattr(jax, "devices", lambda *a: [type("Gpu", (), {"core_count": 132})()]
                         if not a else cpu)  # fmt: skip
-    _, pos, src, layout, x, w = _case()
+    _, pos, src, layout, x, w = _case(n=512)
     fn = jax.jit(jax.value_and_grad(_loss("auto", layout, 128, src, pos), (0, 1)))
     text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
-    # the weight gradient and the input gradient (x [M, 384] @ w[g].T: N = 256, the block
-    # kernel's tiles fit) are Mosaic GPU kernels; the forward (N = 384) is the Triton
-    # (Pallas) kernel, which lowers to a "__gpu" custom call
+    # the weight gradient and the input gradient (dy [M, 512] @ w[g].T: K = 512, N = 256)
+    # are Mosaic GPU kernels; the forward (K = 256 < GMM_MIN_K) is the Triton (Pallas)
+    # kernel, which lowers to a "__gpu" custom call
     calls = re.findall(r"custom_call @(\w+)", text)
     kernels = sorted("mosaic" if c.startswith("mosaic_gpu") else c for c in calls)
     assert kernels == ["__gpu", "mosaic", "mosaic"], calls
