@@ -341,9 +341,8 @@ def _dispatch_compute_combine(
 
     # 4. Send results back to the same buffer positions and combine.
     back = jax.lax.all_to_all(out_recv, expert_axis, 0, 0, tiled=True)  # [ep * B, D]
-    out_assign = gm.from_blocks(back, row_of, assign_of, fits_of).reshape(tokens, k, d)
-    w = jnp.where(kept, weight, 0).astype(jnp.float32)
-    y = jnp.einsum("tk,tkd->td", w, out_assign.astype(jnp.float32)).astype(x.dtype)
+    w = jnp.where(kept, weight, 0)
+    y = gm.combine_from_blocks(back, w, row_of, assign_of, fits_of, x.dtype)
 
     num_active = active.sum().astype(jnp.int32)
     dropped = num_active - fits.sum().astype(jnp.int32)
