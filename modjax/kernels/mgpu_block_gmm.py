@@ -77,8 +77,8 @@ class Tiles:
         and ``wait=0``.
 
     On the H200 neither ``wait=1`` nor the one-piece epilogue moved the short
-    contractions (K=512-1024, where the kernel trails the Pallas one) by more than the
-    noise, in either direction (``benchmarks/RESULTS.md``).
+    contractions (K=512-1024) by more than the noise, in either direction; chaining
+    gained 1-8% there (:func:`default_tiles`, ``benchmarks/RESULTS.md``).
     """
 
     tile_n: int = 128
