@@ -25,8 +25,9 @@ OLMoE widths, below the Triton-lowered Pallas kernel (``benchmarks/RESULTS.md``)
 block layout lets this kernel take the structure of a dense Hopper matmul instead.
 
 :func:`tgmm`, the per-group weight gradient ``x^T dy``, has the same structure over the
-``[K, N]`` tiles of every group. It was written on 2026-12-01 after the GPU time of that
-session was spent: it lowers, but it has not run on a GPU, so no default path takes it.
+``[K, N]`` tiles of every group; on the H200 it runs at 710-750 TFLOP/s at the OLMoE and
+Mixtral widths (jax's ``transposed_ragged_dot``: 640-670), and it is the default weight
+gradient of ``impl="mgpu"`` (``mgpu_gmm.TGMM_KERNEL``).
 
 Compiles for NVIDIA Hopper (sm_90a) only, bf16/f16. The reference twin is
 ``grouped_matmul._gmm_reference``; ``tests/kernels/test_mgpu_block_gmm.py`` holds them
@@ -116,6 +117,12 @@ def fits(k: int, n: int, tiles: Tiles | None = None) -> bool:
     """Whether widths ``K`` (contraction) and ``N`` (output) fit the tiles."""
     t = tiles or TILES
     return k % t.tile_k == 0 and n % (2 * t.tile_n) == 0
+
+
+def tgmm_fits(k: int, n: int, tiles: TTiles | None = None) -> bool:
+    """Whether :func:`tgmm` takes widths ``K`` (of x) and ``N`` (of dy) with ``tiles``."""
+    t = tiles or T_TILES
+    return k % BLOCK_M == 0 and n % (2 * t.tile_n) == 0
 
 
 def _num_sms() -> int:
@@ -349,7 +356,8 @@ class TTiles:
       tile_r: rows of the contraction per pipeline stage, 64 or 128 (a 128-row block is
         ``128 / tile_r`` stages).
       stages: pipeline stages in flight (shared memory: ``stages * (128 + 2*tile_n) *
-        tile_r * 2`` bytes, plus the float32 epilogue's ``2 * 2 * 64 * 64 * 4``).
+        tile_r * 2`` bytes, plus the epilogue's ``2 * 2 * 64 * 64 * itemsize``; with a
+        float32 ``out_dtype`` 3 stages fit, with a 16-bit one 4).
       band: output tiles of one group are visited in bands of this many along N.
     """
 
@@ -372,28 +380,30 @@ def tgmm(
     *,
     block_size: int = BLOCK_M,
     tiles: TTiles | None = None,
+    out_dtype=jnp.float32,
 ) -> Array:
-    """Per-group ``x^T dy`` over the block-padded layout, float32 ``[G, K, N]``.
+    """Per-group ``x^T dy`` over the block-padded layout, ``[G, K, N]`` in ``out_dtype``.
 
     ``out[g] = x[rows(g)]^T @ dy[rows(g)]`` where ``rows(g)`` are the rows of blocks
     ``group_start[g] .. group_start[g + 1]`` (whole 128-row blocks: no masking at group
     boundaries); an empty group's gradient is zero. The same structure as :func:`gmm`:
     persistent programs over the ``[K, N]`` output tiles of every group, a TMA producer
     warpgroup, two ``wgmma`` consumer warpgroups (``x``'s tile transposed in shared
-    memory), float32 accumulators stored as float32 (jax's ``transposed_ragged_dot``
-    rounds its result to the operand dtype).
+    memory), float32 accumulators rounded once to ``out_dtype`` as they are stored.
 
-    Written for the H200 and not yet run on one: ``impl="auto"`` and ``impl="mgpu"`` keep
-    jax's kernel for the weight gradient until it is measured
-    (``mgpu_gmm.tgmm(..., kernel="block")`` selects it). Its CPU tests check the lowering
-    and the errors; ``tests/kernels/test_mgpu_block_gmm.py`` holds it to the reference on
-    a GPU.
+    The reference twin is ``grouped_matmul._tgmm_reference``:
+    ``tests/kernels/test_mgpu_block_gmm.py`` holds them equal on a GPU (float32 and bf16
+    out; random, skewed and empty groups) and checks the lowering and the errors on CPU;
+    ``test_mgpu_gmm.py`` checks the gradients of ``impl="mgpu"`` through it.
 
     Args:
       x: ``[Nb * 128, K]`` bf16/f16.
       dy: ``[Nb * 128, N]``, x's dtype.
       group_start: int32 ``[G + 1]``, the layout's first block of each group.
       tiles: :class:`TTiles` (default :data:`T_TILES`).
+      out_dtype: float32 (the default), or bf16/f16: the float32 accumulators rounded once
+        in the epilogue (a weight gradient in the weights' dtype without a float32
+        ``[G, K, N]`` round trip through memory).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -405,6 +415,8 @@ def tgmm(
         raise ValueError(
             f"x {x.shape} and dy {dy.shape} must have the same rows, whole {BLOCK_M}-row blocks"
         )
+    if jnp.dtype(out_dtype) not in (jnp.dtype(jnp.float32), *map(jnp.dtype, DTYPES)):
+        raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     if t.tile_r not in (64, 128):  # wgmma on a transposed 16-bit operand: 64-row steps
         raise ValueError(f"tiles.tile_r must be 64 or 128, got {t.tile_r}")
     k, n = x.shape[1], dy.shape[1]
@@ -426,7 +438,8 @@ def tgmm(
 
     x_transforms = transforms(BLOCK_M, itemsize)
     dy_transforms = transforms(cta_n, itemsize)
-    out_transforms = transforms(epi, 4)
+    out_size = jnp.dtype(out_dtype).itemsize
+    out_transforms = transforms(epi, out_size)
     pieces = (BLOCK_M // epi) * (t.tile_n // epi)
 
     def body(start_gmem, x_gmem, dy_gmem, out_gmem):
@@ -456,14 +469,16 @@ def tgmm(
         def noop(*_, **__):
             return None
 
-        allocs = pipeline(noop, noop).get_allocations(
+        # allocate for a static grid of `stages` steps: a shorter static grid would shrink
+        # the pipeline to fewer slots and barriers than the run-time grids below index
+        allocs = pipeline(noop, noop, 0, t.stages).get_allocations(
             x_gmem.at[:, pl.ds(0, BLOCK_M)], dy_gmem.at[:, pl.ds(0, cta_n)]
         )
 
         @functools.partial(
             pl.run_scoped,
             allocs=allocs,
-            out_smem=plgpu.SMEM((2, 2, epi, epi), jnp.float32, transforms=out_transforms),
+            out_smem=plgpu.SMEM((2, 2, epi, epi), out_dtype, transforms=out_transforms),
             collective_axes="wg",
         )
         def _scope(allocs, out_smem):
@@ -487,8 +502,8 @@ def tgmm(
                         for p in range(pieces):
                             i, j = divmod(p, t.tile_n // epi)
                             plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            out_smem[wg, p % 2] = out[i * epi : (i + 1) * epi,
-                                                      j * epi : (j + 1) * epi]  # fmt: skip
+                            piece = out[i * epi : (i + 1) * epi, j * epi : (j + 1) * epi]
+                            out_smem[wg, p % 2] = piece.astype(out_dtype)
                             plgpu.commit_smem()
                             plgpu.copy_smem_to_gmem(
                                 out_smem.at[wg, p % 2],
@@ -509,7 +524,7 @@ def tgmm(
 
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((num_groups, k, n), jnp.float32),
+        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
         grid=(_num_sms(),),
         grid_names=("sm",),
         num_threads=3,
@@ -534,4 +549,5 @@ __all__ = [
     "fits",
     "gmm",
     "tgmm",
+    "tgmm_fits",
 ]
