@@ -21,13 +21,14 @@ Implementations (``impl=``), all computing the same function:
 * ``"pallas"``: Triton-lowered Pallas kernels (:mod:`modjax.kernels.pallas_gmm`), for
   GPUs; with ``interpret=True`` they run anywhere (slowly), which the tests use on CPU.
 * ``"mgpu"``: Hopper (Mosaic GPU, wgmma/TMA) kernels (:mod:`modjax.kernels.mgpu_gmm`):
-  modjax's warp-specialised block kernel for :func:`gmm`, jax's ragged-dot kernels for
-  :func:`tgmm` and odd widths; bf16/f16 on NVIDIA Hopper GPUs only.
+  modjax's warp-specialised block kernels for :func:`gmm` and :func:`tgmm`, jax's
+  ragged-dot kernels for widths their tiles do not fit; bf16/f16 on NVIDIA Hopper GPUs
+  only.
 * ``"auto"`` (default): ``"xla"`` off the GPU; on a GPU, chosen per primitive from kernel
   timings on an H200 (``benchmarks/gmm_tiles.py``): ``"mgpu"`` for :func:`tgmm` where it
   applies (Hopper, bf16/f16, widths multiples of 128: 1.4-2x the Pallas weight
-  gradient), ``"mgpu"`` for :func:`gmm` when the contraction is at least 2048 wide
-  (shorter ones run faster in Pallas), ``"pallas"`` otherwise.
+  gradient), ``"mgpu"`` for :func:`gmm` where the block kernel's tiles fit and the
+  contraction is at least 512 wide (``mgpu_gmm.prefers_gmm``), ``"pallas"`` otherwise.
 
 Inputs are bf16/f16/f32; products accumulate in float32 and are cast back to the
 operand dtype.
@@ -487,15 +488,19 @@ def _gmm_impl(x, w, layout, block_size, transpose_rhs, impl, interpret):
     return _gmm_pallas(x, w, layout, block_size, transpose_rhs, interpret)
 
 
-def _tgmm_impl(x, dy, layout, block_size, impl, interpret):
+def _tgmm_impl(x, dy, layout, block_size, impl, interpret, out_dtype=jnp.float32):
+    """float32 accumulation, rounded once to ``out_dtype`` (the gradient's dtype: the
+    Hopper kernels round in their epilogue, sparing a float32 ``[G, K, N]`` in memory)."""
     impl = _pick(impl, "tgmm", x, dy, block_size, interpret)
-    if impl == "reference":
-        return _tgmm_reference(x, dy, layout, block_size)
-    if impl == "xla":
-        return _tgmm_xla(x, dy, layout, block_size)
     if impl == "mgpu":
-        return mgpu_gmm.tgmm(x, dy, layout, block_size=block_size)
-    return _tgmm_pallas(x, dy, layout, block_size, interpret)
+        return mgpu_gmm.tgmm(x, dy, layout, block_size=block_size, out_dtype=out_dtype)
+    if impl == "reference":
+        out = _tgmm_reference(x, dy, layout, block_size)
+    elif impl == "xla":
+        out = _tgmm_xla(x, dy, layout, block_size)
+    else:
+        out = _tgmm_pallas(x, dy, layout, block_size, interpret)
+    return out.astype(out_dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -580,10 +585,10 @@ def _gmm_bwd(res, dy):
     block_size, transpose_rhs, impl, interpret = static
     dy = dy.astype(x.dtype)
     dx = _gmm_impl(dy, w, layout, block_size, not transpose_rhs, impl, interpret)
-    dw = _tgmm_impl(x, dy, layout, block_size, impl, interpret)
+    dw = _tgmm_impl(x, dy, layout, block_size, impl, interpret, out_dtype=w.dtype)
     if transpose_rhs:
         dw = jnp.swapaxes(dw, 1, 2)
-    return dx, dw.astype(w.dtype), None, None
+    return dx, dw, None, None
 
 
 def _gmm_fwd(x, w, layout, static):

@@ -3,8 +3,10 @@
 * :func:`gmm` (forward and input gradient) runs modjax's own warp-specialised block kernel,
   :mod:`modjax.kernels.mgpu_block_gmm`, where its tiles fit (128-row blocks, output width
   a multiple of 256), and jax's ``ragged_dot_mgpu.ragged_dot`` otherwise;
-* :func:`tgmm` (per-group weight gradient ``x^T dy``) runs jax's
-  ``transposed_ragged_dot_mgpu.transposed_ragged_dot``.
+* :func:`tgmm` (per-group weight gradient ``x^T dy``) runs modjax's block weight-gradient
+  kernel (:func:`modjax.kernels.mgpu_block_gmm.tgmm`) where its tiles fit (K a multiple
+  of 128, N of 256), and jax's ``transposed_ragged_dot_mgpu.transposed_ragged_dot``
+  otherwise.
 
 jax's kernels take ragged row groups; here the groups are the layout's blocks, so every
 group is a whole number of ``block_size`` rows. They compile for Hopper only (sm_90a),
@@ -14,17 +16,20 @@ Differences from the other implementations, all handled here:
 
 * rows past the used blocks: the block kernel writes zeros there itself; after jax's
   ragged dot, which leaves them unwritten, :func:`gmm` zeroes them with a select;
-* ``transposed_ragged_dot`` returns the weight gradient in the operand dtype (float32
-  accumulation inside, rounded once at the end); :func:`tgmm` casts it to float32 to
-  keep :func:`~modjax.kernels.grouped_matmul.tgmm`'s contract, but its precision is the
-  operand dtype's (bf16: relative 2^-9), where the Pallas and XLA paths keep float32;
+* the weight gradient's dtype: the block kernel rounds its float32 accumulators to the
+  asked ``out_dtype`` in its epilogue (the layer asks for the weights' dtype);
+  ``transposed_ragged_dot`` returns the operand dtype (float32 accumulation inside,
+  rounded once at the end), so a float32 ``out_dtype`` from it has the operand dtype's
+  precision (bf16: relative 2^-9);
 * tile sizes must divide the widths; checked with an error naming the width and the tile.
 
 Tiles are module defaults (``TILES``, ``T_TILES``, ``mgpu_block_gmm.TILES``), overridable
 per call; they come from ``benchmarks/gmm_tiles.py`` on an H200 (``benchmarks/RESULTS.md``).
-There ``tgmm`` runs at 520-600 TFLOP/s at the issue's OLMoE and Mixtral shapes, against
-260-410 for the Triton-lowered Pallas ``tgmm``, so ``impl="auto"`` takes it for the weight
-gradient on Hopper (:func:`supports_tgmm`). The block ``gmm`` runs at 430-475 TFLOP/s at
+There jax's ``tgmm`` runs at 640-670 TFLOP/s at the issue's OLMoE and Mixtral shapes
+(bf16 out), against 260-410 for the Triton-lowered Pallas ``tgmm``, so ``impl="auto"``
+takes the Mosaic GPU kernels for the weight gradient on Hopper (:func:`supports_tgmm`);
+the block ``tgmm`` beats jax's there, 710-750 TFLOP/s (small: 505-535 against 410-425),
+so it is :data:`TGMM_KERNEL`. The block ``gmm`` runs at 430-475 TFLOP/s at
 K = 512, 675-695 at OLMoE's widths and 720 at Mixtral's (Pallas: 335-345, 505-555,
 590-610), so ``auto`` takes it wherever its tiles fit from K = 512 on
 (:func:`prefers_gmm`).
@@ -141,18 +146,39 @@ def gmm(
     return jnp.where(jnp.arange(x.shape[0])[:, None] < used, out, jnp.zeros((), out.dtype))
 
 
+#: the weight-gradient kernel :func:`tgmm` runs when not told and its tiles fit:
+#: ``"block"`` (modjax's; 0.3 ms less of OLMoE's 10 ms fwd+bwd than jax's on the H200) or
+#: ``"ragged"`` (jax's); a module default, like the tiles, so a benchmark can trace a whole
+#: layer with either
+TGMM_KERNEL = "block"
+
+
 def tgmm(
-    x: Array, dy: Array, layout, *, block_size: int, tiles=None, kernel: str = "ragged"
+    x: Array,
+    dy: Array,
+    layout,
+    *,
+    block_size: int,
+    tiles=None,
+    kernel: str | None = None,
+    out_dtype=jnp.float32,
 ) -> Array:
-    """Per-group ``x^T dy``, float32 ``[G, K, N]``.
+    """Per-group ``x^T dy``, ``[G, K, N]`` in ``out_dtype`` (float32 by default).
 
     ``kernel``: ``"ragged"`` (jax's ``transposed_ragged_dot``, rounded to the operand dtype
-    first; ``tiles`` a dict like :data:`T_TILES`), or ``"block"``
-    (:func:`modjax.kernels.mgpu_block_gmm.tgmm`, float32 throughout; ``tiles`` a
-    ``TTiles``), which has not run on a GPU yet and is not the default.
+    first; ``tiles`` a dict like :data:`T_TILES`), ``"block"``
+    (:func:`modjax.kernels.mgpu_block_gmm.tgmm`, rounded once to ``out_dtype``; ``tiles`` a
+    ``TTiles``), or None: :data:`TGMM_KERNEL`, where the block kernel's tiles fit
+    (:func:`~modjax.kernels.mgpu_block_gmm.tgmm_fits`), jax's otherwise.
     """
+    if kernel is None:
+        fits = block_size == mgpu_block_gmm.BLOCK_M and mgpu_block_gmm.tgmm_fits(
+            x.shape[1], dy.shape[1]
+        )
+        kernel = TGMM_KERNEL if fits else "ragged"
     if kernel == "block":
-        return mgpu_block_gmm.tgmm(x, dy, layout.group_start, block_size=block_size, tiles=tiles)
+        return mgpu_block_gmm.tgmm(x, dy, layout.group_start, block_size=block_size,
+                                   tiles=tiles, out_dtype=out_dtype)  # fmt: skip
     if kernel != "ragged":
         raise ValueError(f"kernel must be 'ragged' or 'block', got {kernel!r}")
     from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu
@@ -163,12 +189,13 @@ def tgmm(
     out = transposed_ragged_dot_mgpu.transposed_ragged_dot(
         x, dy, group_sizes=_group_rows(layout, block_size), **t
     )
-    return out.astype(jnp.float32)
+    return out.astype(out_dtype)
 
 
 __all__ = [
     "DTYPES",
     "GMM_MIN_K",
+    "TGMM_KERNEL",
     "T_TILES",
     "TILES",
     "check_operands",

@@ -122,24 +122,29 @@ def test_block_tgmm_lowers_for_cuda_and_names_bad_input(monkeypatch):
         bg.tgmm(xp, dy[:, :384], layout.group_start)
     with pytest.raises(ValueError, match="float16 operands; x is float32"):
         bg.tgmm(xp.astype(jnp.float32), dy.astype(jnp.float32), layout.group_start)
+    with pytest.raises(ValueError, match="out_dtype must be float32, bfloat16 or float16"):
+        bg.tgmm(xp, dy, layout.group_start, out_dtype=jnp.int8)
     with pytest.raises(ValueError, match="tiles.tile_r must be 64 or 128, got 32"):
         bg.tgmm(xp, dy, layout.group_start, tiles=bg.TTiles(tile_r=32))
     wide = bg.TTiles(tile_n=64, tile_r=128, stages=2)
-    other = jax.jit(lambda x, dy: bg.tgmm(x, dy, layout.group_start, tiles=wide))
+    other = jax.jit(
+        lambda x, dy: bg.tgmm(x, dy, layout.group_start, tiles=wide, out_dtype=jnp.bfloat16)
+    )
     assert "mosaic_gpu" in other.trace(xp, dy).lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
 @pytest.mark.parametrize("tiles", [bg.T_TILES, bg.TTiles(tile_n=64, tile_r=128, stages=2, band=2)])
-def test_block_tgmm_matches_reference_on_gpu(kind, tiles):
+@pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
+def test_block_tgmm_matches_reference_on_gpu(kind, tiles, out_dtype):
     layout, xp, _ = _case(kind)
     dy = jax.random.normal(jax.random.PRNGKey(3), (xp.shape[0], 512), jnp.float32)
     live = jnp.arange(xp.shape[0])[:, None] < layout.group_start[-1] * 128
     dy = jnp.where(live, dy, 0).astype(xp.dtype)  # the layout's padding rows are zero
-    got = bg.tgmm(xp, dy, layout.group_start, tiles=tiles)
+    got = bg.tgmm(xp, dy, layout.group_start, tiles=tiles, out_dtype=out_dtype)
     want = gm.tgmm(xp, dy, layout, block_size=128, impl="reference")
-    assert got.dtype == jnp.float32 and got.shape == want.shape
+    assert got.dtype == out_dtype and got.shape == want.shape
     a, b = np.asarray(got), np.float32(want)
     assert np.linalg.norm(a - b) / np.linalg.norm(b) < 1e-2
     np.testing.assert_allclose(a, b, atol=5e-2, rtol=2e-2)

@@ -78,7 +78,10 @@ def test_mgpu_errors_name_the_problem(monkeypatch):
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("n", [768, 640])  # 640: not a multiple of 256, jax's ragged kernel
-def test_mgpu_matches_reference_values_and_grads_on_gpu(kind, transpose, n):
+@pytest.mark.parametrize("tgmm_kernel", ["ragged", "block"])
+def test_mgpu_matches_reference_values_and_grads_on_gpu(monkeypatch, kind, transpose, n,
+                                                        tgmm_kernel):  # fmt: skip
+    monkeypatch.setattr(mgpu_gmm, "TGMM_KERNEL", tgmm_kernel)  # the weight gradient's kernel
     _, pos, src, layout, x, w = _case(kind, m=3000, k=512, n=n, g=8)
     if transpose:
         w = jnp.swapaxes(w, 1, 2)
@@ -141,9 +144,14 @@ def test_auto_gradient_lowers_to_the_kernels_whose_tiles_fit(monkeypatch):
     cpu = jax.devices()
     monkeypatch.setattr(jax, "devices", lambda *a: [type("Gpu", (), {"core_count": 132})()]
                         if not a else cpu)  # fmt: skip
+    block_tgmm, seen = mgpu_gmm.mgpu_block_gmm.tgmm, []
+    monkeypatch.setattr(mgpu_gmm.mgpu_block_gmm, "tgmm",
+                        lambda *a, **kw: seen.append(kw) or block_tgmm(*a, **kw))  # fmt: skip
     _, pos, src, layout, x, w = _case(n=512)
     fn = jax.jit(jax.value_and_grad(_loss("auto", layout, 128, src, pos), (0, 1)))
     text = fn.trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    # the weight gradient is modjax's block kernel, rounding to the weights' dtype itself
+    assert [kw["out_dtype"] for kw in seen] == [w.dtype]
     # the weight gradient and the input gradient (dy [M, 512] @ w[g].T: K = 512, N = 256)
     # are Mosaic GPU kernels; the forward (K = 256 < GMM_MIN_K) is the Triton (Pallas)
     # kernel, which lowers to a "__gpu" custom call
