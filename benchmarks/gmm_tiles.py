@@ -77,9 +77,10 @@ BLOCK_GMM += [  # short contractions: overlap consecutive wgmmas, one-piece epil
                dict(wait=1, stages=3), dict(chain=True), dict(chain=True, minor="n"),
                dict(chain=True, stages=2))
 ]  # fmt: skip
-BLOCK_TGMM = [  # modjax's own weight-gradient kernel (not yet measured: 2026-12-01)
+BLOCK_TGMM = [  # modjax's own weight-gradient kernel (bf16 out)
     mgpu_block_gmm.T_TILES,
     mgpu_block_gmm.TTiles(band=8),
+    mgpu_block_gmm.TTiles(stages=4),
     mgpu_block_gmm.TTiles(tile_n=64, tile_r=128, stages=2),
 ]
 IMPLS = ("pallas", "mgpu", "block")
@@ -110,8 +111,11 @@ def _operands(kind, t, d, f, e, k, key):
 def _call(kind, impl, tiles, layout):
     from modjax.kernels import mgpu_gmm, pallas_gmm
 
+    bf = jnp.bfloat16
     if impl == "block" and kind.startswith("tg"):
-        return jax.jit(lambda a, b: mgpu_block_gmm.tgmm(a, b, layout.group_start, tiles=tiles))
+        return jax.jit(  # the weight gradient in the weights' dtype, as the layer asks
+            lambda a, b: mgpu_block_gmm.tgmm(a, b, layout.group_start, tiles=tiles, out_dtype=bf)
+        )
     if impl == "block":
         trans = kind.endswith("_t")
         used = layout.group_start[-1]
@@ -121,10 +125,12 @@ def _call(kind, impl, tiles, layout):
             )
         )
     mod = mgpu_gmm if impl == "mgpu" else pallas_gmm
+    extra = {"kernel": "ragged"} if impl == "mgpu" else {}  # "mgpu": jax's kernels
     if kind.startswith("tg"):
-        return jax.jit(lambda a, b: mod.tgmm(a, b, layout, block_size=BS, tiles=tiles))
+        if impl == "mgpu":
+            extra["out_dtype"] = bf  # jax's kernel rounds to bf16 itself
+        return jax.jit(lambda a, b: mod.tgmm(a, b, layout, block_size=BS, tiles=tiles, **extra))
     trans = kind.endswith("_t")
-    extra = {"kernel": "ragged"} if impl == "mgpu" else {}  # "mgpu": jax's ragged dot
     return jax.jit(
         lambda a, b: mod.gmm(a, b, layout, block_size=BS, transpose_rhs=trans, tiles=tiles, **extra)
     )

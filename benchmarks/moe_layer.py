@@ -114,6 +114,19 @@ def fused_inputs():
         ffn_lib.expert_ffn_blocks = original
 
 
+@contextlib.contextmanager
+def block_tgmm():
+    """Trace with modjax's block weight-gradient kernel (``mgpu_gmm.TGMM_KERNEL``)."""
+    from modjax.kernels import mgpu_gmm
+
+    original = mgpu_gmm.TGMM_KERNEL
+    mgpu_gmm.TGMM_KERNEL = "block"
+    try:
+        yield
+    finally:
+        mgpu_gmm.TGMM_KERNEL = original
+
+
 def build(method, t, k, e, dtype):
     s = min(GROUP_SIZE, t)
     capacity = math.ceil(CAPACITY_FACTOR * s * k / e)
@@ -136,13 +149,22 @@ def build(method, t, k, e, dtype):
             return ragged_dot_moe(x, routing, params)
         name, _, impl = method.partition(":")  # "dropless:xla" forces an impl
         strategy, _, variant = name.partition("+")  # "dropless+fused": the experiment
+        if variant not in ("", "fused", "tblock"):
+            raise ValueError(f"unknown variant {variant!r} in method {method!r}")
         with fused_inputs() if variant == "fused" else contextlib.nullcontext():
             return ffn_lib.moe_ffn(x, routing, params, strategy=strategy, impl=impl or "auto")
 
     def loss(x, logits, params):
         return jnp.sum(fwd(x, logits, params).astype(jnp.float32) ** 2)
 
-    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    if method.partition(":")[0].endswith("+tblock"):  # the whole trace, backward included
+
+        def grad(*args, _grad=grad):
+            with block_tgmm():
+                return _grad(*args)
+
+    return jax.jit(fwd), jax.jit(grad)
 
 
 def make_inputs(key, t, d, f, e, k, dtype, dense):
@@ -275,7 +297,8 @@ def main(argv=None):
         "--methods",
         default="dense,einsum,capacity,ragged_dot,dropless",
         help="comma list; dropless:IMPL forces a grouped-matmul impl (e.g. dropless:xla); "
-        "dropless+fused[:IMPL] is the fused-input-projection experiment",
+        "dropless+fused[:IMPL] is the fused-input-projection experiment; dropless+tblock "
+        "traces the backward with modjax's block weight-gradient kernel (Hopper)",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")
