@@ -29,8 +29,8 @@
 #   SWEEP=tiles bash benchmarks/h200_sweep.sh     # the grouped-matmul kernel tile sweep
 #     (gmm_tiles.py, ~4 min): where impl="auto"'s choices and the kernels' tiles come from
 #   SWEEP=block bash benchmarks/h200_sweep.sh     # modjax's block kernels (~6 min): their
-#     GPU tests (the weight-gradient kernel mgpu_block_gmm.tgmm has not run on a GPU
-#     before), its sweep against jax's at the three shapes, and the block gmm's profile
+#     GPU tests, the weight-gradient kernel's sweep against jax's at the three shapes, and
+#     the block gmm's profile
 set -u
 OUT=${OUT:-/tmp/h200_sweep}
 mkdir -p "$OUT"

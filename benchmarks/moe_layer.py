@@ -115,12 +115,12 @@ def fused_inputs():
 
 
 @contextlib.contextmanager
-def block_tgmm():
-    """Trace with modjax's block weight-gradient kernel (``mgpu_gmm.TGMM_KERNEL``)."""
+def tgmm_kernel(kernel):
+    """Trace with this Hopper weight-gradient kernel (``mgpu_gmm.TGMM_KERNEL``)."""
     from modjax.kernels import mgpu_gmm
 
     original = mgpu_gmm.TGMM_KERNEL
-    mgpu_gmm.TGMM_KERNEL = "block"
+    mgpu_gmm.TGMM_KERNEL = kernel
     try:
         yield
     finally:
@@ -149,7 +149,7 @@ def build(method, t, k, e, dtype):
             return ragged_dot_moe(x, routing, params)
         name, _, impl = method.partition(":")  # "dropless:xla" forces an impl
         strategy, _, variant = name.partition("+")  # "dropless+fused": the experiment
-        if variant not in ("", "fused", "tblock"):
+        if variant not in ("", "fused", "tblock", "tragged"):
             raise ValueError(f"unknown variant {variant!r} in method {method!r}")
         with fused_inputs() if variant == "fused" else contextlib.nullcontext():
             return ffn_lib.moe_ffn(x, routing, params, strategy=strategy, impl=impl or "auto")
@@ -158,10 +158,11 @@ def build(method, t, k, e, dtype):
         return jnp.sum(fwd(x, logits, params).astype(jnp.float32) ** 2)
 
     grad = jax.grad(loss, argnums=(0, 1, 2))
-    if method.partition(":")[0].endswith("+tblock"):  # the whole trace, backward included
+    variant = method.partition(":")[0].partition("+")[2]
+    if variant in ("tblock", "tragged"):  # the whole trace, backward included
 
         def grad(*args, _grad=grad):
-            with block_tgmm():
+            with tgmm_kernel(variant[1:]):
                 return _grad(*args)
 
     return jax.jit(fwd), jax.jit(grad)
@@ -298,7 +299,8 @@ def main(argv=None):
         default="dense,einsum,capacity,ragged_dot,dropless",
         help="comma list; dropless:IMPL forces a grouped-matmul impl (e.g. dropless:xla); "
         "dropless+fused[:IMPL] is the fused-input-projection experiment; dropless+tblock "
-        "traces the backward with modjax's block weight-gradient kernel (Hopper)",
+        "and dropless+tragged trace the backward with modjax's block or jax's ragged "
+        "weight-gradient kernel (Hopper; block is the default)",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")
