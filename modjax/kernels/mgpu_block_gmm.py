@@ -76,6 +76,11 @@ class Tiles:
         producer fetches the next tile's first stages while the consumers finish this
         one's last steps and its epilogue). Needs ``K / tile_k`` divisible by ``stages``
         and ``wait=0``.
+      cluster: 1, or 2: CTAs run in clusters of two that take adjacent column tiles of
+        one row block and share its ``x`` tiles, each loading half of every tile and
+        multicasting it to both (TMA multicast; the weights' tiles differ). Needs N a
+        multiple of ``4*tile_n`` and ``chain=False``. Not yet run on a GPU (2026-12-01),
+        so no default takes it.
 
     On the H200 neither ``wait=1`` nor the one-piece epilogue moved the short
     contractions (K=512-1024) by more than the noise, in either direction; chaining
@@ -90,6 +95,7 @@ class Tiles:
     epi: int = 64
     wait: int = 0
     chain: bool = False
+    cluster: int = 1
 
     def replace(self, **kw) -> Tiles:
         return dataclasses.replace(self, **kw)
@@ -116,7 +122,7 @@ def default_tiles(k: int) -> Tiles:
 def fits(k: int, n: int, tiles: Tiles | None = None) -> bool:
     """Whether widths ``K`` (contraction) and ``N`` (output) fit the tiles."""
     t = tiles or TILES
-    return k % t.tile_k == 0 and n % (2 * t.tile_n) == 0
+    return k % t.tile_k == 0 and n % (2 * t.tile_n * t.cluster) == 0
 
 
 def tgmm_fits(k: int, n: int, tiles: TTiles | None = None) -> bool:
@@ -151,13 +157,18 @@ def check(x: Array, w: Array, block_size: int, transpose_rhs: bool, tiles: Tiles
         raise ValueError(f"the Mosaic GPU block gmm needs block_size={BLOCK_M}, got {block_size}")
     if tiles.minor not in ("n", "m"):
         raise ValueError(f"tiles.minor must be 'n' or 'm', got {tiles.minor!r}")
+    if tiles.cluster not in (1, 2) or (tiles.cluster == 2 and tiles.chain):
+        raise ValueError(
+            f"tiles.cluster must be 1 or 2 (2 with chain=False), got cluster={tiles.cluster} "
+            f"chain={tiles.chain}"
+        )
     k = x.shape[1]
     n = w.shape[1] if transpose_rhs else w.shape[2]
     check_operands(
         x,
         w,
         [("K (x width)", k, "tile_k", tiles.tile_k),
-         ("N (output width)", n, "2*tile_n", 2 * tiles.tile_n)],
+         ("N (output width)", n, "2*tile_n*cluster", 2 * tiles.tile_n * tiles.cluster)],
     )  # fmt: skip
     if tiles.chain and ((k // tiles.tile_k) % tiles.stages or tiles.wait):
         raise ValueError(
@@ -202,7 +213,9 @@ def gmm(
     n = w.shape[1] if transpose_rhs else w.shape[2]
     dtype = x.dtype
     cta_n = 2 * t.tile_n
-    n_iters, k_iters = n // cta_n, k // t.tile_k
+    clustered = t.cluster > 1
+    # tiles are visited per cluster: n_iters column tiles of cluster * cta_n columns
+    n_iters, k_iters = n // (cta_n * t.cluster), k // t.tile_k
     num_blocks = m // BLOCK_M
     itemsize = jnp.dtype(dtype).itemsize
 
@@ -214,7 +227,8 @@ def gmm(
     w_transforms = in_transforms if transpose_rhs else smem_transforms(cta_n)
     out_transforms = smem_transforms(t.epi)
     spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, delay_release=t.wait)
-    x_spec = spec((BLOCK_M, t.tile_k), lambda kk: (0, kk), transforms=in_transforms)
+    x_spec = spec((BLOCK_M, t.tile_k), lambda kk: (0, kk), transforms=in_transforms,
+                  collective_axes=("cluster",) if clustered else ())  # fmt: skip
     if transpose_rhs:  # w[g] is [N, K]: stream [cta_n, tile_k] tiles, transpose in wgmma
         w_spec = spec((cta_n, t.tile_k), lambda kk: (0, kk), transforms=w_transforms)
     else:
@@ -226,6 +240,10 @@ def gmm(
     def body(group_gmem, used_gmem, x_gmem, w_gmem, out_gmem):
         wg = lax.axis_index("wg")
         wg_cols = pl.ds(wg * t.tile_n, t.tile_n)
+        cta = lax.axis_index("cluster") if clustered else 0
+
+        def columns(ni):  # this CTA's cta_n columns of cluster column tile ni
+            return pl.ds((ni * t.cluster + cta) * cta_n, cta_n)
 
         def pipeline(mma, context, state=None):
             return plgpu.emit_pipeline_warp_specialized(
@@ -272,7 +290,7 @@ def gmm(
             def _tiles(info):
                 mi, ni = plgpu.planar_snake(info.index[0], (used, n_iters), minor, t.band)
                 rows = pl.ds(mi * BLOCK_M, BLOCK_M)
-                cols = pl.ds(ni * cta_n, cta_n)
+                cols = columns(ni)
                 w_g = w_gmem.at[group_gmem[mi]]
 
                 def context(run):
@@ -326,15 +344,16 @@ def gmm(
                 @plgpu.nd_loop(((num_blocks - used) * n_iters,), collective_axes="sm")
                 def _spare(info):
                     mi, ni = used + info.index[0] // n_iters, info.index[0] % n_iters
-                    store(zeros, pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * cta_n, cta_n))
+                    store(zeros, pl.ds(mi * BLOCK_M, BLOCK_M), columns(ni))
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m, n), dtype),
-        grid=(_num_sms(),),
+        grid=(_num_sms() // t.cluster,),
         grid_names=("sm",),
+        **(dict(cluster=(t.cluster,), cluster_names=("cluster",)) if clustered else {}),
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(

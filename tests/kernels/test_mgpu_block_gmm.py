@@ -26,7 +26,9 @@ def _case(kind="random", m=3000, k=512, n=768, g=8):
     return layout, jnp.take(x, src, axis=0, mode="fill", fill_value=0), w
 
 
-@pytest.mark.parametrize("tiles", [None, bg.TILES], ids=["chained", "default"])
+@pytest.mark.parametrize(
+    "tiles", [None, bg.TILES, bg.TILES.replace(cluster=2)], ids=["chained", "default", "cluster"]
+)
 @pytest.mark.parametrize("transpose", [False, True])
 def test_block_gmm_lowers_for_cuda(monkeypatch, transpose, tiles):
     cpu = jax.devices()
@@ -57,8 +59,16 @@ def test_block_gmm_errors_name_the_problem():
     with pytest.raises(ValueError, match=r"K \(x width\)=200 must be a multiple of the tile "):
         bg.gmm(xp[:, :200], w[:, :200], g, u)
     with pytest.raises(ValueError, match=r"N \(output width\)=384 must be a multiple of the tile "
-                                         r"2\*tile_n=256"):  # fmt: skip
+                                         r"2\*tile_n\*cluster=256"):  # fmt: skip
         bg.gmm(xp, w[:, :, :384], g, u)
+    with pytest.raises(ValueError, match=r"N \(output width\)=768 must be a multiple of the tile "
+                                         r"2\*tile_n\*cluster=512"):  # fmt: skip
+        bg.gmm(xp, jnp.concatenate([w, w[:, :, :256]], axis=2), g, u, tiles=bg.Tiles(cluster=2))
+    with pytest.raises(ValueError, match="tiles.cluster must be 1 or 2 .2 with chain=False., "
+                                         "got cluster=2 chain=True"):  # fmt: skip
+        bg.gmm(xp, w, g, u, tiles=bg.Tiles(cluster=2, chain=True))
+    with pytest.raises(ValueError, match="got cluster=4"):
+        bg.gmm(xp, w, g, u, tiles=bg.Tiles(cluster=4))
     with pytest.raises(ValueError, match="tiles.chain needs K/tile_k = 4 divisible by stages=3"):
         bg.gmm(xp, w, g, u, tiles=bg.Tiles(chain=True, stages=3))
     with pytest.raises(ValueError, match="tiles.minor must be 'n' or 'm', got 'k'"):
@@ -81,6 +91,16 @@ def test_block_gmm_matches_reference_on_gpu(kind, transpose, tiles):
     layout, out = _matches_reference(_case(kind), transpose, tiles)
     used = int(layout.group_start[-1]) * 128
     assert used < out.shape[0] and (out[used:] == 0).all()  # padding blocks: never computed
+
+
+@pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
+@pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_block_gmm_in_clusters_matches_reference_on_gpu(kind, transpose):
+    tiles = bg.TILES.replace(cluster=2)  # x tiles multicast to the cluster's two CTAs
+    layout, out = _matches_reference(_case(kind, n=1024), transpose, tiles)
+    used = int(layout.group_start[-1]) * 128
+    assert (out[used:] == 0).all()
 
 
 def _matches_reference(case, transpose, tiles):
