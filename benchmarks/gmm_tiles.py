@@ -77,6 +77,11 @@ BLOCK_GMM += [  # short contractions: overlap consecutive wgmmas, one-piece epil
                dict(wait=1, stages=3), dict(chain=True), dict(chain=True, minor="n"),
                dict(chain=True, stages=2))
 ]  # fmt: skip
+BLOCK_GMM += [  # clusters of two CTAs sharing x tiles by TMA multicast (not yet run)
+    mgpu_block_gmm.TILES.replace(**kw)
+    for kw in (dict(cluster=2), dict(cluster=2, minor="n"), dict(cluster=2, band=16),
+               dict(cluster=2, stages=3))
+]  # fmt: skip
 BLOCK_TGMM = [  # modjax's own weight-gradient kernel (bf16 out)
     mgpu_block_gmm.T_TILES,
     mgpu_block_gmm.TTiles(band=8),
@@ -145,17 +150,39 @@ def _time(fn, args, iters):
     return (time.perf_counter() - t0) / iters * 1e3
 
 
-def _candidates(kind, impls):
+def _candidates(kind, impls, where=None):
+    """``(impl, tiles)`` to time; ``where`` (``{field: value}``) keeps, of the block
+    kernel's tilings, those that match it and the defaults (``TILES``, the chained one)."""
     tg = kind.startswith("tg")
     table = {
         "pallas": PALLAS_TGMM if tg else PALLAS_GMM,
         "mgpu": MGPU_TGMM if tg else MGPU_GMM,
         "block": BLOCK_TGMM if tg else BLOCK_GMM,
     }
-    return [("dense", None)] + [(impl, c) for impl in impls for c in table[impl]]
+
+    def keep(impl, c):
+        if impl != "block" or not where or tg:
+            return True
+        defaults = (mgpu_block_gmm.TILES, mgpu_block_gmm.default_tiles(512))
+        return c in defaults or all(getattr(c, f) == v for f, v in where.items())
+
+    return [("dense", None)] + [(i, c) for i in impls for c in table[i] if keep(i, c)]
 
 
-def sweep(shapes, iters, budget, log, impls=IMPLS, kinds=KINDS):
+def parse_where(text):
+    """``"cluster=2,minor=n"`` -> ``{"cluster": 2, "minor": "n"}`` (fields of ``Tiles``)."""
+    fields = {f.name: f.type for f in dataclasses.fields(mgpu_block_gmm.Tiles)}
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise ValueError(f"--where: {item!r} is not FIELD=VALUE of {sorted(fields)}")
+        default = getattr(mgpu_block_gmm.Tiles(), key)
+        out[key] = (value == "True") if isinstance(default, bool) else type(default)(value)
+    return out
+
+
+def sweep(shapes, iters, budget, log, impls=IMPLS, kinds=KINDS, where=None):
     start = time.perf_counter()
     rows = []
     for name in shapes:
@@ -163,7 +190,7 @@ def sweep(shapes, iters, budget, log, impls=IMPLS, kinds=KINDS):
         for kind in kinds:
             layout, a, b, dense, flops = _operands(kind, t, d, f, e, k, jax.random.PRNGKey(1))
             dense_fn = jax.jit(lambda p, q: jnp.dot(p, q, preferred_element_type=jnp.bfloat16))
-            for impl, tiles in _candidates(kind, impls):
+            for impl, tiles in _candidates(kind, impls, where):
                 if time.perf_counter() - start > budget:
                     skip = {"shape": name, "kind": kind, "impl": impl, "skipped": "budget"}
                     log(json.dumps(skip))
@@ -214,7 +241,12 @@ def main(argv=None):
     p.add_argument("--impls", default=",".join(IMPLS), help=f"kernels to sweep, of {IMPLS}")
     p.add_argument("--kinds", default=",".join(KINDS), help=f"matmuls to time, of {KINDS}")
     p.add_argument("--out", help="append each measurement to this JSONL file")
+    p.add_argument(
+        "--where",
+        help="block gmm tilings to keep, e.g. cluster=2 (the defaults are always timed)",
+    )
     a = p.parse_args(argv)
+    where = parse_where(a.where)
     names = a.shapes.split(",")
     for n in names:
         if n not in SHAPES:
@@ -232,7 +264,7 @@ def main(argv=None):
             fh.write(line + "\n")
             fh.flush()
 
-    rows = sweep(names, a.iters, a.budget, log, impls, kinds)
+    rows = sweep(names, a.iters, a.budget, log, impls, kinds, where)
     print(f"\ndevice: {jax.devices()[0].device_kind}, jax {jax.__version__}")
     print(best_table(rows))
     return rows

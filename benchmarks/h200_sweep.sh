@@ -31,6 +31,9 @@
 #   SWEEP=block bash benchmarks/h200_sweep.sh     # modjax's block kernels (~6 min): their
 #     GPU tests, the weight-gradient kernel's sweep against jax's at the three shapes, and
 #     the block gmm's profile
+#   SWEEP=cluster bash benchmarks/h200_sweep.sh   # the block gmm in 2-CTA clusters (x tiles
+#     multicast; ~7 min): its GPU tests, its sweep against the default tilings, and the
+#     layer with it (dropless+cluster) beside the default and the dense FFN
 set -u
 OUT=${OUT:-/tmp/h200_sweep}
 mkdir -p "$OUT"
@@ -85,6 +88,23 @@ if [[ "${SWEEP:-train}" == block ]]; then
   cat "$OUT/env.txt"; tail -1 "$OUT/block_tests.log"; grep -E "^FAILED" "$OUT/block_tests.log"
   sed -n '/^device/,$p' "$OUT/gmm_tgmm.log"; grep -c error "$OUT/gmm_tgmm.log"
   tail -8 "$OUT/block_profile.log"
+  exit 0
+fi
+
+if [[ "${SWEEP:-train}" == cluster ]]; then
+  MODJAX_GPU_TESTS=1 JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider \
+    tests/kernels/test_mgpu_block_gmm.py -k "cluster" > "$OUT/cluster_tests.log" 2>&1
+  cat "$OUT/env.txt"; tail -1 "$OUT/cluster_tests.log"; grep -E "^FAILED" "$OUT/cluster_tests.log"
+  # a failed launch poisons the process: time nothing after one
+  tail -1 "$OUT/cluster_tests.log" | grep -qE "failed|error" && exit 1
+  timeout 180 python3 benchmarks/gmm_tiles.py --shapes olmoe,mixtral,small --budget 160 \
+    --impls block --kinds up,down,down_t --where cluster=2 --out "$OUT/gmm_cluster.jsonl" \
+    > "$OUT/gmm_cluster.log" 2>&1
+  grep -v '^{' "$OUT/gmm_cluster.log" | tail -12
+  grep '"impl": "block"' "$OUT/gmm_cluster.jsonl" | grep -o '"shape.*' | cut -c1-200
+  timeout 200 python3 benchmarks/moe_layer.py --preset gpu --iters 10 \
+    --methods dense,dropless,dropless+cluster > "$OUT/moe_cluster.log" 2>&1
+  grep -E "^###|^\| (dense|dropless)" "$OUT/moe_cluster.log"
   exit 0
 fi
 

@@ -127,6 +127,30 @@ def tgmm_kernel(kernel):
         mgpu_gmm.TGMM_KERNEL = original
 
 
+@contextlib.contextmanager
+def clustered_gmm():
+    """Trace with the block gmm's CTAs in clusters of two (``Tiles(cluster=2)``, which
+    does not chain pipelines)."""
+    from modjax.kernels import mgpu_block_gmm as bg
+
+    original = bg.TILES, bg.CHAIN_MAX_K
+    bg.TILES, bg.CHAIN_MAX_K = bg.TILES.replace(cluster=2), 0
+    try:
+        yield
+    finally:
+        bg.TILES, bg.CHAIN_MAX_K = original
+
+
+#: ``dropless+VARIANT``: what each variant traces the whole layer under (backward included)
+VARIANTS = {
+    "": contextlib.nullcontext,
+    "fused": fused_inputs,
+    "tblock": lambda: tgmm_kernel("block"),
+    "tragged": lambda: tgmm_kernel("ragged"),
+    "cluster": clustered_gmm,
+}
+
+
 def build(method, t, k, e, dtype):
     s = min(GROUP_SIZE, t)
     capacity = math.ceil(CAPACITY_FACTOR * s * k / e)
@@ -148,24 +172,27 @@ def build(method, t, k, e, dtype):
         if method == "ragged_dot":
             return ragged_dot_moe(x, routing, params)
         name, _, impl = method.partition(":")  # "dropless:xla" forces an impl
-        strategy, _, variant = name.partition("+")  # "dropless+fused": the experiment
-        if variant not in ("", "fused", "tblock", "tragged"):
-            raise ValueError(f"unknown variant {variant!r} in method {method!r}")
-        with fused_inputs() if variant == "fused" else contextlib.nullcontext():
-            return ffn_lib.moe_ffn(x, routing, params, strategy=strategy, impl=impl or "auto")
+        strategy = name.partition("+")[0]
+        return ffn_lib.moe_ffn(x, routing, params, strategy=strategy, impl=impl or "auto")
 
     def loss(x, logits, params):
         return jnp.sum(fwd(x, logits, params).astype(jnp.float32) ** 2)
 
-    grad = jax.grad(loss, argnums=(0, 1, 2))
-    variant = method.partition(":")[0].partition("+")[2]
-    if variant in ("tblock", "tragged"):  # the whole trace, backward included
+    variant = method.partition(":")[0].partition("+")[2]  # "dropless+fused": an experiment
+    if variant not in VARIANTS:
+        raise ValueError(
+            f"unknown variant {variant!r} in method {method!r}; known: {sorted(VARIANTS)}"
+        )
+    context = VARIANTS[variant]
 
-        def grad(*args, _grad=grad):
-            with tgmm_kernel(variant[1:]):
-                return _grad(*args)
+    def traced(fn):  # under the variant's context while jit traces it (the backward too)
+        def run(*args):
+            with context():
+                return fn(*args)
 
-    return jax.jit(fwd), jax.jit(grad)
+        return jax.jit(run)
+
+    return traced(fwd), traced(jax.grad(loss, argnums=(0, 1, 2)))
 
 
 def make_inputs(key, t, d, f, e, k, dtype, dense):
@@ -300,7 +327,8 @@ def main(argv=None):
         help="comma list; dropless:IMPL forces a grouped-matmul impl (e.g. dropless:xla); "
         "dropless+fused[:IMPL] is the fused-input-projection experiment; dropless+tblock "
         "and dropless+tragged trace the backward with modjax's block or jax's ragged "
-        "weight-gradient kernel (Hopper; block is the default)",
+        "weight-gradient kernel (Hopper; block is the default); dropless+cluster runs the "
+        "block gmm in 2-CTA clusters",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")

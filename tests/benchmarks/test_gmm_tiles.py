@@ -46,3 +46,18 @@ def test_best_table_takes_the_fastest_of_each_impl():
 def test_unknown_shape_is_named():
     with pytest.raises(ValueError, match="--shapes: unknown shape 'tiny'"):
         gmm_tiles.main(["--shapes", "olmoe,tiny"])
+
+
+def test_where_keeps_matching_block_tilings_and_the_defaults():
+    from modjax.kernels import mgpu_block_gmm as bg
+
+    where = gmm_tiles.parse_where("cluster=2,chain=False")
+    assert where == {"cluster": 2, "chain": False}
+    kept = [c for impl, c in gmm_tiles._candidates("up", ["block"], where) if impl == "block"]
+    assert bg.TILES in kept and bg.default_tiles(512) in kept
+    others = [c for c in kept if c not in (bg.TILES, bg.default_tiles(512))]
+    assert others and all(c.cluster == 2 for c in others)
+    everything = gmm_tiles._candidates("up", ["block"])
+    assert len(everything) > len(kept) + 1  # dense, and the tilings the filter dropped
+    with pytest.raises(ValueError, match="--where: 'size=2' is not FIELD=VALUE"):
+        gmm_tiles.parse_where("size=2")
