@@ -31,6 +31,9 @@
 #   SWEEP=block bash benchmarks/h200_sweep.sh     # modjax's block kernels (~6 min): their
 #     GPU tests, the weight-gradient kernel's sweep against jax's at the three shapes, and
 #     the block gmm's profile
+#   SWEEP=tests bash benchmarks/h200_sweep.sh     # every GPU test (bf16 tolerances) in one
+#     call of up to 9 minutes, with per-test durations (the train sweep's 300 s share no
+#     longer covers them all)
 #   SWEEP=cluster bash benchmarks/h200_sweep.sh   # the block gmm in 2-CTA clusters (x tiles
 #     multicast; ~7 min): its GPU tests, its sweep against the default tilings, and the
 #     layer with it (dropless+cluster) beside the default and the dense FFN
@@ -91,6 +94,14 @@ if [[ "${SWEEP:-train}" == block ]]; then
   exit 0
 fi
 
+if [[ "${SWEEP:-train}" == tests ]]; then
+  MODJAX_GPU_TESTS=1 JAX_PLATFORMS=cuda timeout 540 python3 -m pytest -q -p no:cacheprovider \
+    -rf --durations 15 tests/kernels tests/layers/test_moe.py tests/computation \
+    "tests/models/test_models.py::test_attention_auto_is_cudnn_on_gpu_and_matches_xla_bf16" \
+    > "$OUT/gpu_tests.log" 2>&1
+  cat "$OUT/env.txt"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests.log" | tail -20
+  exit 0
+fi
 if [[ "${SWEEP:-train}" == cluster ]]; then
   MODJAX_GPU_TESTS=1 JAX_PLATFORMS=cuda timeout 120 python3 -m pytest -q -p no:cacheprovider \
     tests/kernels/test_mgpu_block_gmm.py -k "cluster" > "$OUT/cluster_tests.log" 2>&1
