@@ -168,12 +168,15 @@ def tgmm(
     ``kernel``: ``"ragged"`` (jax's ``transposed_ragged_dot``, rounded to the operand dtype
     first; ``tiles`` a dict like :data:`T_TILES`), ``"block"``
     (:func:`modjax.kernels.mgpu_block_gmm.tgmm`, rounded once to ``out_dtype``; ``tiles`` a
-    ``TTiles``), or None: :data:`TGMM_KERNEL`, where the block kernel's tiles fit
-    (:func:`~modjax.kernels.mgpu_block_gmm.tgmm_fits`), jax's otherwise.
+    ``TTiles``), or None: :data:`TGMM_KERNEL` where the block kernel's tiles fit
+    (:func:`~modjax.kernels.mgpu_block_gmm.tgmm_fits`), jax's otherwise or when ``tiles``
+    is a dict.
     """
+    if kernel is None and isinstance(tiles, dict):  # jax's kernel's tiles: jax's kernel
+        kernel = "ragged"
     if kernel is None:
         fits = block_size == mgpu_block_gmm.BLOCK_M and mgpu_block_gmm.tgmm_fits(
-            x.shape[1], dy.shape[1]
+            x.shape[1], dy.shape[1], tiles
         )
         kernel = TGMM_KERNEL if fits else "ragged"
     if kernel == "block":

@@ -159,3 +159,26 @@ def test_auto_gradient_lowers_to_the_kernels_whose_tiles_fit(monkeypatch):
     kernels = sorted("mosaic" if c.startswith("mosaic_gpu") else c for c in calls)
     assert kernels == ["__gpu", "mosaic", "mosaic"], calls
     assert text.count("modjax_gmm") >= 1 and "modjax_tgmm" not in text
+
+
+def test_tgmm_takes_the_block_kernel_where_it_fits(monkeypatch):
+    from jax.experimental.pallas.ops.gpu import transposed_ragged_dot_mgpu as jax_tgmm
+
+    picked = []
+    monkeypatch.setattr(mgpu_gmm.mgpu_block_gmm, "tgmm",
+                        lambda *a, **kw: picked.append("block") or jnp.zeros(()))  # fmt: skip
+    monkeypatch.setattr(jax_tgmm, "transposed_ragged_dot",
+                        lambda *a, **kw: picked.append("ragged") or jnp.zeros(()))  # fmt: skip
+    _, _, src, layout, x, _ = _case(k=256)
+    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0).astype(jnp.bfloat16)
+
+    def pick(dy_width, **kw):
+        mgpu_gmm.tgmm(xp, xp[:, :dy_width], layout, block_size=128, **kw)
+        return picked.pop()
+
+    assert pick(256) == "block"  # N = 256 fits the block kernel's 2 x 128 columns
+    assert pick(128) == "ragged"  # N = 128 does not: jax's kernel
+    assert pick(256, tiles={"block_n": 128}) == "ragged"  # jax's tiles: jax's kernel
+    assert pick(256, kernel="ragged") == "ragged"
+    monkeypatch.setattr(mgpu_gmm, "TGMM_KERNEL", "ragged")
+    assert pick(256) == "ragged"
