@@ -29,16 +29,10 @@ from benchmarks import moe_layer
 from modjax.kernels import grouped_matmul as gm
 
 
-@contextlib.contextmanager
 def grouped_matmuls():
     """Trace the dropless layer with its three grouped matmuls (``runs_on_xla`` False:
     no fused loop, 128-row blocks)."""
-    original = gm.runs_on_xla
-    gm.runs_on_xla = lambda impl: False
-    try:
-        yield
-    finally:
-        gm.runs_on_xla = original
+    return moe_layer.patched(gm, runs_on_xla=lambda impl: False)
 
 
 def build(method, t, d, f, e, k, dtype):

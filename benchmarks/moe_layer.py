@@ -104,51 +104,36 @@ def fused_expert_ffn_blocks(x, params, layout, *, activation, block_size, impl="
 
 
 @contextlib.contextmanager
-def fused_inputs():
-    """Trace ``moe_ffn``'s dropless path with :func:`fused_expert_ffn_blocks`."""
-    original = ffn_lib.expert_ffn_blocks
-    ffn_lib.expert_ffn_blocks = fused_expert_ffn_blocks
+def patched(module, **attrs):
+    """Set ``module``'s attributes while jit traces under it, then restore them."""
+    original = {name: getattr(module, name) for name in attrs}
+    for name, value in attrs.items():
+        setattr(module, name, value)
     try:
         yield
     finally:
-        ffn_lib.expert_ffn_blocks = original
+        for name, value in original.items():
+            setattr(module, name, value)
 
 
-@contextlib.contextmanager
-def tgmm_kernel(kernel):
-    """Trace with this Hopper weight-gradient kernel (``mgpu_gmm.TGMM_KERNEL``)."""
+def _variants():
+    from modjax.kernels import mgpu_block_gmm as bg
     from modjax.kernels import mgpu_gmm
 
-    original = mgpu_gmm.TGMM_KERNEL
-    mgpu_gmm.TGMM_KERNEL = kernel
-    try:
-        yield
-    finally:
-        mgpu_gmm.TGMM_KERNEL = original
-
-
-@contextlib.contextmanager
-def clustered_gmm():
-    """Trace with the block gmm's CTAs in clusters of two (``Tiles(cluster=2)``, which
-    does not chain pipelines)."""
-    from modjax.kernels import mgpu_block_gmm as bg
-
-    original = bg.TILES, bg.CHAIN_MAX_K
-    bg.TILES, bg.CHAIN_MAX_K = bg.TILES.replace(cluster=2), 0
-    try:
-        yield
-    finally:
-        bg.TILES, bg.CHAIN_MAX_K = original
+    return {
+        "": contextlib.nullcontext,
+        # the fused-input-projection experiment (fused_expert_ffn_blocks)
+        "fused": lambda: patched(ffn_lib, expert_ffn_blocks=fused_expert_ffn_blocks),
+        # the Hopper weight-gradient kernel: modjax's (the default) or jax's
+        "tblock": lambda: patched(mgpu_gmm, TGMM_KERNEL="block"),
+        "tragged": lambda: patched(mgpu_gmm, TGMM_KERNEL="ragged"),
+        # the block gmm's CTAs in clusters of two (which do not chain pipelines)
+        "cluster": lambda: patched(bg, TILES=bg.TILES.replace(cluster=2), CHAIN_MAX_K=0),
+    }
 
 
 #: ``dropless+VARIANT``: what each variant traces the whole layer under (backward included)
-VARIANTS = {
-    "": contextlib.nullcontext,
-    "fused": fused_inputs,
-    "tblock": lambda: tgmm_kernel("block"),
-    "tragged": lambda: tgmm_kernel("ragged"),
-    "cluster": clustered_gmm,
-}
+VARIANTS = _variants()
 
 
 def build(method, t, k, e, dtype):

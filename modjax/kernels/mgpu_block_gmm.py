@@ -131,6 +131,16 @@ def tgmm_fits(k: int, n: int, tiles: TTiles | None = None) -> bool:
     return k % BLOCK_M == 0 and n % (2 * t.tile_n) == 0
 
 
+def _swizzled(minor_elems: int, itemsize: int) -> tuple:
+    """Shared-memory transforms of a tile whose minor dimension is ``minor_elems`` wide:
+    8-row tiles, swizzled by the widest swizzle that row fits (what TMA and ``wgmma``
+    take)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
+    return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
+
+
 def _num_sms() -> int:
     return int(jax.devices()[0].core_count)
 
@@ -219,13 +229,9 @@ def gmm(
     num_blocks = m // BLOCK_M
     itemsize = jnp.dtype(dtype).itemsize
 
-    def smem_transforms(minor_elems: int):
-        swizzle = plgpu.find_swizzle(minor_elems * itemsize * 8)
-        return (plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle))
-
-    in_transforms = smem_transforms(t.tile_k)
-    w_transforms = in_transforms if transpose_rhs else smem_transforms(cta_n)
-    out_transforms = smem_transforms(t.epi)
+    in_transforms = _swizzled(t.tile_k, itemsize)
+    w_transforms = in_transforms if transpose_rhs else _swizzled(cta_n, itemsize)
+    out_transforms = _swizzled(t.epi, itemsize)
     spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, delay_release=t.wait)
     x_spec = spec((BLOCK_M, t.tile_k), lambda kk: (0, kk), transforms=in_transforms,
                   collective_axes=("cluster",) if clustered else ())  # fmt: skip
@@ -451,14 +457,9 @@ def tgmm(
     itemsize = jnp.dtype(x.dtype).itemsize
     epi = 64
 
-    def transforms(minor_elems: int, size: int):
-        swizzle = plgpu.find_swizzle(minor_elems * size * 8)
-        return (plgpu.TilingTransform((8, swizzle // size)), plgpu.SwizzleTransform(swizzle))
-
-    x_transforms = transforms(BLOCK_M, itemsize)
-    dy_transforms = transforms(cta_n, itemsize)
-    out_size = jnp.dtype(out_dtype).itemsize
-    out_transforms = transforms(epi, out_size)
+    x_transforms = _swizzled(BLOCK_M, itemsize)
+    dy_transforms = _swizzled(cta_n, itemsize)
+    out_transforms = _swizzled(epi, jnp.dtype(out_dtype).itemsize)
     pieces = (BLOCK_M // epi) * (t.tile_n // epi)
 
     def body(start_gmem, x_gmem, dy_gmem, out_gmem):
