@@ -6,19 +6,18 @@ timed in ``--rounds`` rounds, each round calling every method in turn (fwd, then
 fwd+bwd) ``--iters`` times; the table gives, per method, the median over all calls and
 the ratio to the dense FFN (and the ratio of the fastest calls, ``min-ratio``).
 
-Methods are ``moe_layer.py``'s, plus ``dropless@grouped``: the dropless layer with the
-three grouped matmuls of ``expert_ffn_blocks`` and 128-row blocks even where ``auto``
-would take the fused XLA loop (``modjax.kernels.xla_expert_ffn``); the path the CPU
-had before that loop existed.
+Methods are ``moe_layer.py``'s, its variants included (``dropless+grouped``: the three
+grouped matmuls of ``expert_ffn_blocks`` and 128-row blocks even where ``auto`` would
+take the fused XLA loop, the path the CPU had before that loop existed; the older
+spelling ``dropless@grouped`` is the same).
 
   PYTHONPATH=. JAX_PLATFORMS=cpu python benchmarks/moe_interleaved.py \\
-      --shapes cpu-a,cpu-b --methods dropless,dropless@grouped --rounds 8
+      --shapes cpu-a,cpu-b --methods dropless,dropless+grouped --rounds 8
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import time
 
 import jax
@@ -26,26 +25,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import moe_layer
-from modjax.kernels import grouped_matmul as gm
-
-
-def grouped_matmuls():
-    """Trace the dropless layer with its three grouped matmuls (``runs_on_xla`` False:
-    no fused loop, 128-row blocks)."""
-    return moe_layer.patched(gm, runs_on_xla=lambda impl: False)
 
 
 def build(method, t, d, f, e, k, dtype):
     """Compiled ``(fwd, grad, args)`` of a method, warm."""
-    name, _, variant = method.partition("@")
     key = jax.random.PRNGKey(0)
-    x, params = moe_layer.make_inputs(key, t, d, f, e, k, dtype, name == "dense")
+    x, params = moe_layer.make_inputs(key, t, d, f, e, k, dtype, method == "dense")
     logits = moe_layer.make_logits(jax.random.fold_in(key, 7), t, e, False)
     args = (x, logits, params)
-    with grouped_matmuls() if variant == "grouped" else contextlib.nullcontext():
-        fwd, grad = moe_layer.build(name, t, k, e, dtype)
-        jax.block_until_ready(fwd(*args))  # traced and compiled under the context
-        jax.block_until_ready(grad(*args))
+    fwd, grad = moe_layer.build(method.replace("@", "+"), t, k, e, dtype)
+    jax.block_until_ready(fwd(*args))
+    jax.block_until_ready(grad(*args))
     return fwd, grad, args
 
 
@@ -84,7 +74,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default="cpu-a,cpu-b", help="preset shape names")
     p.add_argument("--shape", help="T,D,F,E,k (instead of --shapes)")
-    p.add_argument("--methods", default="dropless,dropless@grouped")
+    p.add_argument("--methods", default="dropless,dropless+grouped")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--iters", type=int, default=1, help="calls per method per round")
     a = p.parse_args(argv)

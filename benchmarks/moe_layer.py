@@ -117,11 +117,15 @@ def patched(module, **attrs):
 
 
 def _variants():
+    from modjax.kernels import grouped_matmul as gm
     from modjax.kernels import mgpu_block_gmm as bg
     from modjax.kernels import mgpu_gmm
 
     return {
         "": contextlib.nullcontext,
+        # the three grouped matmuls of expert_ffn_blocks (128-row blocks) even where auto
+        # takes the fused XLA loop: the CPU path before that loop existed
+        "grouped": lambda: patched(gm, runs_on_xla=lambda impl: False),
         # the fused-input-projection experiment (fused_expert_ffn_blocks)
         "fused": lambda: patched(ffn_lib, expert_ffn_blocks=fused_expert_ffn_blocks),
         # the Hopper weight-gradient kernel: modjax's (the default) or jax's
@@ -313,7 +317,8 @@ def main(argv=None):
         "dropless+fused[:IMPL] is the fused-input-projection experiment; dropless+tblock "
         "and dropless+tragged trace the backward with modjax's block or jax's ragged "
         "weight-gradient kernel (Hopper; block is the default); dropless+cluster runs the "
-        "block gmm in 2-CTA clusters",
+        "block gmm in 2-CTA clusters; dropless+grouped the three grouped matmuls where "
+        "the CPU would fuse them",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")

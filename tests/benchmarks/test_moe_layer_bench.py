@@ -73,6 +73,9 @@ def test_interleaved_table_and_the_grouped_variant(capsys, monkeypatch):
     rows = [r for r in out.splitlines() if r.startswith("| d")]
     assert [r.split("|")[1].strip() for r in rows] == ["dense", "dropless@grouped"]
     assert rows[0].split("|")[3].strip() == "1.00"  # dense against itself
+    moe_interleaved.main(["--shape", "64,16,32,4,2", "--rounds", "1",
+                          "--methods", "dropless+grouped"])  # fmt: skip
+    assert not fused  # moe_layer's spelling of the same variant
     moe_interleaved.main(["--shape", "64,16,32,4,2", "--rounds", "1", "--methods", "dropless"])
     assert fused  # and the default path takes it (off the GPU)
     with pytest.raises(ValueError, match=r"--shapes: unknown \['cpu-z'\]"):
