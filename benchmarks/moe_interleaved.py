@@ -39,7 +39,7 @@ def build(method, t, d, f, e, k, dtype):
     return fwd, grad, args
 
 
-def run(shape, methods, rounds, iters, dtype=jnp.float32):
+def run(shape, methods, rounds, iters, dtype):
     t, d, f, e, k = shape
     fns = {m: build(m, t, d, f, e, k, dtype) for m in ["dense", *methods]}
     times = {m: ([], []) for m in fns}
@@ -64,7 +64,7 @@ def table(name, times):
     for m, (fv, bv) in times.items():
         fm, bm = np.median(fv), np.median(bv)
         lines.append(
-            f"| {m} | {fm * 1e3:.1f} | {dense[0] / fm:.2f} | {bm * 1e3:.1f} | "
+            f"| {m} | {fm * 1e3:.4g} | {dense[0] / fm:.2f} | {bm * 1e3:.4g} | "
             f"{dense[1] / bm:.2f} | {fastest[1] / min(bv):.2f} |"
         )
     return "\n".join(lines)
@@ -77,6 +77,7 @@ def main(argv=None):
     p.add_argument("--methods", default="dropless,dropless+grouped")
     p.add_argument("--rounds", type=int, default=8)
     p.add_argument("--iters", type=int, default=1, help="calls per method per round")
+    p.add_argument("--dtype", default=None, help="default: bfloat16 on gpu, float32 else")
     a = p.parse_args(argv)
     presets = {n: s for n, *s in (row for rows in moe_layer.PRESETS.values() for row in rows)}
     if a.shape:
@@ -89,11 +90,14 @@ def main(argv=None):
     if a.rounds < 1 or a.iters < 1:
         raise ValueError(f"--rounds and --iters must be >= 1, got {a.rounds}, {a.iters}")
     methods = [m for m in a.methods.split(",") if m != "dense"]
+    dtype = jnp.dtype(a.dtype or ("bfloat16" if jax.default_backend() == "gpu" else "float32"))
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, "
-          f"{a.rounds} rounds x {a.iters} calls, medians")  # fmt: skip
+          f"{dtype.name}, {a.rounds} rounds x {a.iters} calls, medians")  # fmt: skip
     out = []
     for name, shape in shapes.items():
-        out.append(table(f"{name}: T,D,F,E,k = {shape}", run(shape, methods, a.rounds, a.iters)))
+        out.append(
+            table(f"{name}: T,D,F,E,k = {shape}", run(shape, methods, a.rounds, a.iters, dtype))
+        )
         print(out[-1], flush=True)
     return "\n".join(out)
 

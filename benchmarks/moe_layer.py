@@ -103,6 +103,17 @@ def fused_expert_ffn_blocks(x, params, layout, *, activation, block_size, impl="
     return mm(ffn_lib._hidden(activation, proj), params["wo"].astype(x.dtype))
 
 
+def _scan_searchsorted(a, v, side="left", sorter=None, *, method=None):
+    """``jnp.searchsorted`` by its default binary search (a while loop of log2 steps)
+    whatever method the caller asks for: the layout's block groups as they were before
+    they became compare-all (``grouped_matmul.group_layout``)."""
+    del method
+    return _SEARCHSORTED(a, v, side=side, sorter=sorter, method="scan")
+
+
+_SEARCHSORTED = jnp.searchsorted
+
+
 @contextlib.contextmanager
 def patched(module, **attrs):
     """Set ``module``'s attributes while jit traces under it, then restore them."""
@@ -133,6 +144,8 @@ def _variants():
         "tragged": lambda: patched(mgpu_gmm, TGMM_KERNEL="ragged"),
         # the block gmm's CTAs in clusters of two (which do not chain pipelines)
         "cluster": lambda: patched(bg, TILES=bg.TILES.replace(cluster=2), CHAIN_MAX_K=0),
+        # the layout's block groups by a binary-search while loop (_scan_searchsorted)
+        "scan": lambda: patched(jnp, searchsorted=_scan_searchsorted),
     }
 
 
@@ -247,7 +260,7 @@ def profile_fn(fn, args, path, calls=3):
         jax.profiler.stop_trace()
 
 
-def run_shape(name, t, d, f, e, k, dtype, methods, iters, log, profile=""):
+def run_shape(name, t, d, f, e, k, dtype, methods, iters, log, profile="", hlo=""):
     key = jax.random.PRNGKey(0)
     flops = 6 * t * k * d * f
     rows = []
@@ -267,10 +280,15 @@ def run_shape(name, t, d, f, e, k, dtype, methods, iters, log, profile=""):
                 log(f"{name} {method} {mode}: failed: {type(err).__name__}: {str(err)[:200]}")
                 ms, mem = float("nan"), -1
             res[mode] = (ms, mult * flops / ms / 1e9, mem)
+            tag = f"{name}-{method.replace(':', '_')}"
             if profile and mode == "fwd+bwd" and not skewed and not math.isnan(ms):
-                path = os.path.join(profile, f"{name}-{method.replace(':', '_')}")
+                path = os.path.join(profile, tag)
                 profile_fn(fn, args, path)
                 log(f"{name} {method} fwd+bwd: trace of 3 calls in {path}")
+            if hlo and mode == "fwd+bwd" and not skewed and not math.isnan(ms):
+                os.makedirs(hlo, exist_ok=True)
+                with open(os.path.join(hlo, f"{tag}.txt"), "w") as fh:
+                    fh.write(fn.lower(*args).compile().as_text())
             if method == "dense":
                 dense_ms[mode] = ms
         if method.startswith("dropless") or method == "ragged_dot":  # no token dropped
@@ -318,11 +336,17 @@ def main(argv=None):
         "and dropless+tragged trace the backward with modjax's block or jax's ragged "
         "weight-gradient kernel (Hopper; block is the default); dropless+cluster runs the "
         "block gmm in 2-CTA clusters; dropless+grouped the three grouped matmuls where "
-        "the CPU would fuse them",
+        "the CPU would fuse them; dropless+scan the layout's block groups by a while loop",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")
     p.add_argument("--tiles", help="Pallas tiles, e.g. bk=64,bn=128,num_warps=8,num_stages=4")
+    p.add_argument(
+        "--hlo",
+        default="",
+        help="write the optimized HLO of each method's fwd+bwd to HLO/<shape>-<method>.txt "
+        "(its fusion names are the trace's op names)",
+    )
     p.add_argument(
         "--profile",
         default="",
@@ -356,7 +380,7 @@ def main(argv=None):
         with open(a.out, "a") as fh:
             fh.write(header + "\n")
     for shape in shapes:
-        tables.append(run_shape(*shape, dtype, methods, a.iters, print, a.profile))
+        tables.append(run_shape(*shape, dtype, methods, a.iters, print, a.profile, a.hlo))
         if a.out:  # each shape as it finishes: a run cut short keeps what it measured
             with open(a.out, "a") as fh:
                 fh.write(tables[-1] + "\n")

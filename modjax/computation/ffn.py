@@ -167,7 +167,9 @@ def grouped_ffn(
     block_size = block_size or default_block_size(impl)
     n = x.shape[0]
     num_experts = group_sizes.shape[0]
-    ids = jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(n), side="right")
+    ids = jnp.searchsorted(  # no while loop (gm.group_layout says why): [N, E] compares
+        jnp.cumsum(group_sizes), jnp.arange(n), side="right", method="compare_all"
+    )
     valid = ids < num_experts
     # Padding rows join no group: the kernels skip their blocks (an expert-parallel
     # buffer sized for the worst case is mostly padding; none of it is multiplied).

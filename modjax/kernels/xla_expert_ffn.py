@@ -99,7 +99,9 @@ def _segments(group_start: Array, nb: int, seg: int):
     runs = (blocks + seg - 1) // seg
     ends = jnp.cumsum(runs)
     i = jnp.arange(nb, dtype=jnp.int32)
-    group = jnp.minimum(jnp.searchsorted(ends, i, side="right"), num_groups - 1)
+    group = jnp.minimum(
+        jnp.searchsorted(ends, i, side="right", method="compare_all"), num_groups - 1
+    )
     j = i - (ends[group] - runs[group])
     size = jnp.clip(blocks[group] - j * seg, 1, seg)
     return group.astype(jnp.int32), (group_start[group] + j * seg).astype(jnp.int32), size, ends[-1]

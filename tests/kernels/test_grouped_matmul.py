@@ -70,6 +70,21 @@ def test_sort_to_blocks_layout():
         assert (np.diff(pos[ids == e]) > 0).all()
 
 
+def test_layout_has_no_while_loop():
+    # on a GPU every step of a while loop waits for the host to read its predicate:
+    # the layout (block groups by a compare-all search) must be loop-free
+    ids = jnp.zeros((1000,), jnp.int32)
+    for fn in (
+        lambda i: gm.sort_to_blocks(i, 64, 128),
+        lambda i: gm.group_layout(jnp.bincount(i, length=64), 1000, 128),
+    ):
+        jaxpr = str(jax.make_jaxpr(fn)(ids))
+        assert "while" not in jaxpr
+    layout = gm.group_layout(jnp.asarray([3, 0, 9, 1]), 13, 2)  # blocks 2, 0, 5, 1
+    np.testing.assert_array_equal(layout.block_group, [0, 0, 2, 2, 2, 2, 2, 3])
+    np.testing.assert_array_equal(layout.group_start, [0, 2, 2, 7, 8])
+
+
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty", "one"])
 @pytest.mark.parametrize("packed", [True, False])
 def test_stable_sort_by_group_is_stable_argsort(kind, packed):
