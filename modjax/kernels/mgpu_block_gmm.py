@@ -79,8 +79,10 @@ class Tiles:
       cluster: 1, or 2: CTAs run in clusters of two that take adjacent column tiles of
         one row block and share its ``x`` tiles, each loading half of every tile and
         multicasting it to both (TMA multicast; the weights' tiles differ). Needs N a
-        multiple of ``4*tile_n`` and ``chain=False``. Not yet run on a GPU (2026-12-01),
-        so no default takes it.
+        multiple of ``4*tile_n`` and ``chain=False``. On the H200 it matches the
+        reference but is no faster (OLMoE up 696 against 693 TFLOP/s chained, down 670
+        against 686; the layer 1-3% slower), so no default takes it: operand traffic
+        does not limit this kernel (``benchmarks/RESULTS.md``).
 
     On the H200 neither ``wait=1`` nor the one-piece epilogue moved the short
     contractions (K=512-1024) by more than the noise, in either direction; chaining
