@@ -35,6 +35,9 @@
 #   SWEEP=tests bash benchmarks/h200_sweep.sh     # every GPU test (bf16 tolerances) in one
 #     call of up to 9 minutes, with per-test durations (the train sweep's 300 s share no
 #     longer covers them all)
+#   SWEEP=ab METHODS=dropless,dropless+scan bash benchmarks/h200_sweep.sh   # an A/B of
+#     layer variants (moe_layer.py's VARIANTS) interleaved in one process at the three
+#     shapes (moe_interleaved.py, ~4 min; sequential timings drift by a few percent)
 #   SWEEP=cluster bash benchmarks/h200_sweep.sh   # the block gmm in 2-CTA clusters (x tiles
 #     multicast; ~7 min): its GPU tests, its sweep against the default tilings, and the
 #     layer with it (dropless+cluster) beside the default and the dense FFN
@@ -110,6 +113,12 @@ if [[ "${SWEEP:-train}" == tests ]]; then
     "tests/models/test_models.py::test_attention_auto_is_cudnn_on_gpu_and_matches_xla_bf16" \
     > "$OUT/gpu_tests.log" 2>&1
   cat "$OUT/env.txt"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests.log" | tail -20
+  exit 0
+fi
+if [[ "${SWEEP:-train}" == ab ]]; then
+  timeout 540 python3 benchmarks/moe_interleaved.py --shapes small,olmoe,mixtral \
+    --methods "${METHODS:-dropless,dropless+scan}" --rounds 6 --iters 5 > "$OUT/ab.log" 2>&1
+  cat "$OUT/env.txt"; grep -v "^$" "$OUT/ab.log"
   exit 0
 fi
 if [[ "${SWEEP:-train}" == cluster ]]; then
