@@ -87,8 +87,9 @@ def group_layout(group_sizes: Array, num_rows: int, block_size: int) -> GroupLay
     group_start = jnp.concatenate([jnp.zeros((1,), jnp.int32), ends]).astype(jnp.int32)
     nb = max_blocks(num_rows, num_groups, block_size)
     # compare-all, not jnp.searchsorted's default binary search: that one is a while loop
-    # of log2(G) steps, and on a GPU every step of a while loop waits for the host to read
-    # its predicate (on the H200 the loop cost the small shape's layer 0.65 -> 0.70 of dense)
+    # of log2(G) steps, each a few tiny kernels and device copies plus the loop's own
+    # control. On the H200 the loop cost the small shape's layer ~0.07 ms a call (fwd+bwd
+    # 0.65 of dense with it, 0.69 without; benchmarks/RESULTS.md)
     block_group = jnp.searchsorted(
         ends, jnp.arange(nb, dtype=jnp.int32), side="right", method="compare_all"
     )

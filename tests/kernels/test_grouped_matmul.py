@@ -71,8 +71,8 @@ def test_sort_to_blocks_layout():
 
 
 def test_layout_has_no_while_loop():
-    # on a GPU every step of a while loop waits for the host to read its predicate:
-    # the layout (block groups by a compare-all search) must be loop-free
+    # on a GPU a while loop's every step is tiny kernels and control (~0.07 ms a call
+    # at the small H200 shape): the layout (block groups by compare-all) is loop-free
     ids = jnp.zeros((1000,), jnp.int32)
     for fn in (
         lambda i: gm.sort_to_blocks(i, 64, 128),
