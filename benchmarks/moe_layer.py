@@ -146,6 +146,8 @@ def _variants():
         "cluster": lambda: patched(bg, TILES=bg.TILES.replace(cluster=2), CHAIN_MAX_K=0),
         # the layout's block groups by a binary-search while loop (_scan_searchsorted)
         "scan": lambda: patched(jnp, searchsorted=_scan_searchsorted),
+        # rows ranked in their group by a running count instead of a sort (the same layout)
+        "count": lambda: patched(gm, LAYOUT_RANKS="count"),
     }
 
 
@@ -336,7 +338,8 @@ def main(argv=None):
         "and dropless+tragged trace the backward with modjax's block or jax's ragged "
         "weight-gradient kernel (Hopper; block is the default); dropless+cluster runs the "
         "block gmm in 2-CTA clusters; dropless+grouped the three grouped matmuls where "
-        "the CPU would fuse them; dropless+scan the layout's block groups by a while loop",
+        "the CPU would fuse them; dropless+scan the layout's block groups by a while loop; "
+        "dropless+count the layout's ranks by a running count, not a sort",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")

@@ -9,17 +9,23 @@ import pytest
 from benchmarks import moe_layer
 
 
-@pytest.mark.parametrize("impl", ["", ":reference"])
-def test_fused_experiment_equals_the_library_path(impl):
+def _two_methods(method_a, method_b):
+    """``(args, (fwd, grad) of method_a, (fwd, grad) of method_b)`` on one small skewed case."""
     t, d, f, e, k = 96, 32, 48, 4, 2
     key = jax.random.PRNGKey(0)
     x, params = moe_layer.make_inputs(key, t, d, f, e, k, jnp.float32, dense=False)
     logits = moe_layer.make_logits(jax.random.fold_in(key, 1), t, e, skewed=True)
-    fwd_a, grad_a = moe_layer.build("dropless" + impl, t, k, e, jnp.float32)
-    fwd_b, grad_b = moe_layer.build("dropless+fused" + impl, t, k, e, jnp.float32)
-    np.testing.assert_allclose(fwd_a(x, logits, params), fwd_b(x, logits, params), rtol=1e-5,
-                               atol=1e-5)  # fmt: skip
-    ga, gb = grad_a(x, logits, params), grad_b(x, logits, params)
+    build = lambda m: moe_layer.build(m, t, k, e, jnp.float32)
+    return (x, logits, params), build(method_a), build(method_b)
+
+
+@pytest.mark.parametrize("impl", ["", ":reference"])
+def test_fused_experiment_equals_the_library_path(impl):
+    args, (fwd_a, grad_a), (fwd_b, grad_b) = _two_methods(
+        "dropless" + impl, "dropless+fused" + impl
+    )
+    np.testing.assert_allclose(fwd_a(*args), fwd_b(*args), rtol=1e-5, atol=1e-5)
+    ga, gb = grad_a(*args), grad_b(*args)
     for a, b in zip(jax.tree.leaves(ga), jax.tree.leaves(gb), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
     assert float(jnp.abs(ga[2]["wi_gate"]).max()) > 0  # the gradients are not trivially 0
@@ -80,3 +86,22 @@ def test_interleaved_table_and_the_grouped_variant(capsys, monkeypatch):
     assert fused  # and the default path takes it (off the GPU)
     with pytest.raises(ValueError, match=r"--shapes: unknown \['cpu-z'\]"):
         moe_interleaved.main(["--shapes", "cpu-a,cpu-z"])
+
+
+@pytest.mark.parametrize("variant", ["scan", "count"])
+def test_layout_variants_trace_their_layout_and_compute_the_same_layer(variant):
+    # dropless+scan: the block groups by a while loop; dropless+count: ranks without a
+    # sort. Each is in the traced backward too, and the layer is the same function.
+    args, (fwd_a, grad_a), (fwd_b, grad_b) = _two_methods(
+        "dropless:reference", f"dropless+{variant}:reference"
+    )
+    hlo_a, hlo_b = (g.lower(*args).as_text() for g in (grad_a, grad_b))
+    if variant == "scan":
+        assert "while" not in hlo_a and "while" in hlo_b
+    else:
+        assert "sort" in hlo_a and "sort" not in hlo_b.replace("sorted", "")
+    np.testing.assert_allclose(fwd_a(*args), fwd_b(*args), rtol=1e-6, atol=1e-6)
+    for a, b in zip(jax.tree.leaves(grad_a(*args)), jax.tree.leaves(grad_b(*args)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert jnp.searchsorted is moe_layer._SEARCHSORTED  # restored after tracing
+    assert moe_layer.gm.LAYOUT_RANKS == "sort"

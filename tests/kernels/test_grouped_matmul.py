@@ -4,6 +4,7 @@ Set ``MODJAX_GPU_TESTS=1`` on a GPU machine to also run the compiled Pallas kern
 (bf16 inputs, bf16 tolerances) instead of only interpret mode.
 """
 
+import functools
 import os
 
 import jax
@@ -51,11 +52,12 @@ def _tol(dtype):
     return dict(rtol=2e-2, atol=2e-2) if dtype == jnp.bfloat16 else F32_TOL
 
 
-def test_sort_to_blocks_layout():
+@pytest.mark.parametrize("ranks", ["sort", "count"])
+def test_sort_to_blocks_layout(ranks):
     rng = np.random.default_rng(0)
     m, g, bs = 61, 7, 8
     ids = _ids(rng, m, g, "empty")
-    pos, src, layout = gm.sort_to_blocks(jnp.asarray(ids), g, bs)
+    pos, src, layout = gm.sort_to_blocks(jnp.asarray(ids), g, bs, ranks=ranks)
     pos, src = np.asarray(pos), np.asarray(src)
     bg, gs = np.asarray(layout.block_group), np.asarray(layout.group_start)
     assert len(set(pos.tolist())) == m
@@ -70,12 +72,31 @@ def test_sort_to_blocks_layout():
         assert (np.diff(pos[ids == e]) > 0).all()
 
 
+@pytest.mark.parametrize("kind", ["random", "skewed", "empty", "one"])
+def test_sort_to_blocks_ranks_by_count_equal_ranks_by_sort(kind):
+    # the two ways of ranking rows in their group give the same layout, invalid rows too
+    rng = np.random.default_rng(5)
+    m, g, bs = 300, 9, 16
+    ids = jnp.asarray(_ids(rng, m, g, kind))
+    valid = jnp.asarray(rng.random(m) < 0.85)
+    for v in (None, valid):
+        got = jax.jit(functools.partial(gm.sort_to_blocks, ranks="count"), static_argnums=(1, 2))(
+            ids, g, bs, v
+        )
+        want = gm.sort_to_blocks(ids, g, bs, v, ranks="sort")
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="ranks must be 'sort' or 'count', got 'radix'"):
+        gm.sort_to_blocks(ids, g, bs, ranks="radix")
+
+
 def test_layout_has_no_while_loop():
     # on a GPU a while loop's every step is tiny kernels and control (~0.07 ms a call
     # at the small H200 shape): the layout (block groups by compare-all) is loop-free
     ids = jnp.zeros((1000,), jnp.int32)
     for fn in (
         lambda i: gm.sort_to_blocks(i, 64, 128),
+        lambda i: gm.sort_to_blocks(i, 64, 128, ranks="count"),
         lambda i: gm.group_layout(jnp.bincount(i, length=64), 1000, 128),
     ):
         jaxpr = str(jax.make_jaxpr(fn)(ids))
@@ -102,13 +123,14 @@ def test_stable_sort_by_group_is_stable_argsort(kind, packed):
     np.testing.assert_array_equal(np.asarray(sorted_ids), ids[want])
 
 
-def test_sort_to_blocks_skips_invalid_rows():
+@pytest.mark.parametrize("ranks", ["sort", "count"])
+def test_sort_to_blocks_skips_invalid_rows(ranks):
     # invalid rows (padding, dropped assignments) take no place in any block
     rng = np.random.default_rng(1)
     m, g, bs = 53, 5, 8
     ids = _ids(rng, m, g, "random")
     valid = rng.random(m) < 0.6
-    pos, src, layout = gm.sort_to_blocks(jnp.asarray(ids), g, bs, jnp.asarray(valid))
+    pos, src, layout = gm.sort_to_blocks(jnp.asarray(ids), g, bs, jnp.asarray(valid), ranks=ranks)
     want_pos, want_src, want_layout = gm.sort_to_blocks(jnp.asarray(ids[valid]), g, bs)
     pos, src = np.asarray(pos), np.asarray(src)
     np.testing.assert_array_equal(np.asarray(layout.group_start), want_layout.group_start)
