@@ -35,7 +35,7 @@
 #   SWEEP=tests bash benchmarks/h200_sweep.sh     # every GPU test (bf16 tolerances) in one
 #     call of up to 9 minutes, with per-test durations (the train sweep's 300 s share no
 #     longer covers them all)
-#   SWEEP=ab METHODS=dropless,dropless+scan bash benchmarks/h200_sweep.sh   # an A/B of
+#   SWEEP=ab METHODS=dropless,dropless+count bash benchmarks/h200_sweep.sh   # an A/B of
 #     layer variants (moe_layer.py's VARIANTS) interleaved in one process at the three
 #     shapes (moe_interleaved.py, ~4 min; sequential timings drift by a few percent)
 #   SWEEP=cluster bash benchmarks/h200_sweep.sh   # the block gmm in 2-CTA clusters (x tiles
@@ -117,7 +117,7 @@ if [[ "${SWEEP:-train}" == tests ]]; then
 fi
 if [[ "${SWEEP:-train}" == ab ]]; then
   timeout 540 python3 benchmarks/moe_interleaved.py --shapes small,olmoe,mixtral \
-    --methods "${METHODS:-dropless,dropless+scan}" --rounds 6 --iters 5 > "$OUT/ab.log" 2>&1
+    --methods "${METHODS:-dropless,dropless+count}" --rounds 6 --iters 5 > "$OUT/ab.log" 2>&1
   cat "$OUT/env.txt"; grep -v "^$" "$OUT/ab.log"
   exit 0
 fi
