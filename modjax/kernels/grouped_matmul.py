@@ -144,7 +144,7 @@ def sort_to_blocks(
         # the running count of each group over the rows: its value at a row, less one,
         # is the row's rank in its group; its last row is the group sizes
         counts = jnp.cumsum(jax.nn.one_hot(group_ids, num_groups, dtype=jnp.int32), axis=0)
-        sizes = counts[-1]
+        sizes = counts[-1] if m else jnp.zeros((num_groups,), jnp.int32)
         layout = group_layout(sizes, m, block_size)
         ids = jnp.minimum(group_ids, num_groups - 1)
         rank = jnp.take_along_axis(counts, ids[:, None], axis=1)[:, 0] - 1

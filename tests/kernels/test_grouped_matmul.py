@@ -86,6 +86,12 @@ def test_sort_to_blocks_ranks_by_count_equal_ranks_by_sort(kind):
         want = gm.sort_to_blocks(ids, g, bs, v, ranks="sort")
         for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # no rows at all: an empty layout either way
+    empty = [
+        gm.sort_to_blocks(jnp.zeros((0,), jnp.int32), g, bs, ranks=r) for r in ("sort", "count")
+    ]
+    for a, b in zip(*(jax.tree.leaves(e) for e in empty)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(ValueError, match="ranks must be 'sort' or 'count', got 'radix'"):
         gm.sort_to_blocks(ids, g, bs, ranks="radix")
 
