@@ -282,12 +282,14 @@ def run_shape(name, t, d, f, e, k, dtype, methods, iters, log, profile="", hlo="
                 log(f"{name} {method} {mode}: failed: {type(err).__name__}: {str(err)[:200]}")
                 ms, mem = float("nan"), -1
             res[mode] = (ms, mult * flops / ms / 1e9, mem)
-            tag = f"{name}-{method.replace(':', '_')}"
-            if profile and mode == "fwd+bwd" and not skewed and not math.isnan(ms):
+            # file names without ':' or '+' (some file transfers refuse them)
+            tag = f"{name}-{method.replace(':', '_').replace('+', '_')}"
+            inspect = mode == "fwd+bwd" and not skewed and not math.isnan(ms)
+            if profile and inspect:
                 path = os.path.join(profile, tag)
                 profile_fn(fn, args, path)
                 log(f"{name} {method} fwd+bwd: trace of 3 calls in {path}")
-            if hlo and mode == "fwd+bwd" and not skewed and not math.isnan(ms):
+            if hlo and inspect:
                 os.makedirs(hlo, exist_ok=True)
                 with open(os.path.join(hlo, f"{tag}.txt"), "w") as fh:
                     fh.write(fn.lower(*args).compile().as_text())

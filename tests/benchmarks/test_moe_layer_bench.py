@@ -37,8 +37,13 @@ def test_profile_writes_a_trace_that_trace_summary_reads(tmp_path, capsys):
     from benchmarks import trace_summary
 
     moe_layer.main(["--shape", "64,16,32,4,2", "--dtype", "float32", "--iters", "2",
-                    "--methods", "dense,dropless", "--profile", str(tmp_path)])  # fmt: skip
+                    "--methods", "dense,dropless,dropless+scan", "--profile", str(tmp_path),
+                    "--hlo", str(tmp_path / "hlo")])  # fmt: skip
     assert "| dropless |" in capsys.readouterr().out
+    # --hlo: the optimized fwd+bwd of each method, under a plain file name
+    hlo = sorted(p.name for p in (tmp_path / "hlo").iterdir())
+    assert hlo == ["custom-dense.txt", "custom-dropless.txt", "custom-dropless_scan.txt"]
+    assert "HloModule" in (tmp_path / "hlo" / "custom-dropless.txt").read_text()
     table = trace_summary.main([str(tmp_path / "custom-dropless"), "--steps", "3"])
     assert "busy ms / step" in table and "| `" in table  # ops were found and tabled
     assert (tmp_path / "custom-dense").is_dir()
