@@ -50,6 +50,8 @@ from modjax.typing import Array
 DTYPES = (jnp.bfloat16, jnp.float16)
 #: rows per block this kernel takes (one consumer warpgroup's wgmma tile height)
 BLOCK_M = 128
+#: shared memory a Hopper CTA may take (227 KiB), less a little for the barriers
+SMEM_BYTES = 227 * 1024 - 1024
 #: profiled spans per warpgroup with ``profile_dir`` (3 per tile: keep a profiled call's
 #: tiles per SM under a third of this; 16 bytes of shared memory each, which the default
 #: 4-stage tiling has to spare)
@@ -83,6 +85,15 @@ class Tiles:
         reference but is no faster (OLMoE up 696 against 693 TFLOP/s chained, down 670
         against 686; the layer 1-3% slower), so no default takes it: operand traffic
         does not limit this kernel (``benchmarks/RESULTS.md``).
+      schedule: ``"cooperative"``: the two consumer warpgroups share each ``128 x
+        2*tile_n`` tile; or ``"pingpong"``: each takes whole ``128 x tile_n`` tiles,
+        alternately, so one's epilogue overlaps the other's mainloop (:func:`_pingpong`;
+        ``stages`` slots per consumer, ``chain`` does not apply, ``cluster`` must be 1;
+        N a multiple of ``tile_n``).
+      order: the ping-pong consumers' mainloops strictly alternate (:func:`_pingpong`).
+      ring: ``"split"`` (ping-pong: a ring of ``stages`` slots per consumer) or
+        ``"shared"`` (one ring of ``stages`` slots both take in turn; needs ``order`` and
+        ``K / tile_k`` a multiple of ``2 * stages``).
 
     On the H200 neither ``wait=1`` nor the one-piece epilogue moved the short
     contractions (K=512-1024) by more than the noise, in either direction; chaining
@@ -98,6 +109,9 @@ class Tiles:
     wait: int = 0
     chain: bool = False
     cluster: int = 1
+    schedule: str = "cooperative"
+    order: bool = False
+    ring: str = "split"
 
     def replace(self, **kw) -> Tiles:
         return dataclasses.replace(self, **kw)
@@ -106,15 +120,32 @@ class Tiles:
 #: defaults from the H200 sweep (``benchmarks/gmm_tiles.py --impls block``): bands of 8
 #: along M won at the Mixtral widths (+1-3% over N); 4 stages over 3 by 0-3%.
 TILES = Tiles(minor="m")
-#: contractions up to this wide chain the tiles' pipelines (:func:`default_tiles`)
+#: contractions up to this wide take :data:`SHORT_K_SCHEDULE` (:func:`default_tiles`)
 CHAIN_MAX_K = 1024
+#: the ping-pong tiling of short contractions: one shared ring of 4 slots, mainloops in
+#: strict turns, one ``wgmma`` group left in flight
+PINGPONG_TILES = Tiles(schedule="pingpong", ring="shared", order=True, stages=4, wait=1, minor="m")
+#: ``"pingpong"`` (:data:`PINGPONG_TILES`) or ``"cooperative"`` (chained pipelines): what
+#: short contractions take
+SHORT_K_SCHEDULE = "pingpong"
 
 
 def default_tiles(k: int) -> Tiles:
-    """The tiling :func:`gmm` takes for contraction width ``k`` when given none:
-    :data:`TILES`, with chained pipelines (bands along N) up to :data:`CHAIN_MAX_K`. On the
-    H200 chaining gained 8% at K = 512, 1-2% at 1024 and lost 1% at 2048: a short
-    contraction's pipeline fill is a larger share of each tile (``benchmarks/RESULTS.md``)."""
+    """The tiling :func:`gmm` takes for contraction width ``k`` when given none.
+
+    Up to :data:`CHAIN_MAX_K`, where a tile's epilogue and pipeline fill are a large share
+    of its time: :data:`PINGPONG_TILES` (one consumer's epilogue beside the other's
+    mainloop) where ``K / 64`` is a multiple of 8 (its shared ring's condition), else
+    :data:`TILES` with chained pipelines (bands along N). Wider: :data:`TILES`.
+
+    On the H200 chaining gained 8% at K = 512, 1-2% at 1024 and lost 1% at 2048; the
+    ping-pong schedule then gained 2-8% over chaining at K = 512 and matched it at 1024
+    (``benchmarks/RESULTS.md``).
+    """
+    pp = PINGPONG_TILES
+    if SHORT_K_SCHEDULE == "pingpong" and k <= CHAIN_MAX_K:
+        if (k // pp.tile_k) % (2 * pp.stages) == 0:
+            return pp
     chained = TILES.replace(chain=True, minor="n")
     if k <= CHAIN_MAX_K and (k // chained.tile_k) % chained.stages == 0:
         return chained
@@ -124,13 +155,34 @@ def default_tiles(k: int) -> Tiles:
 def fits(k: int, n: int, tiles: Tiles | None = None) -> bool:
     """Whether widths ``K`` (contraction) and ``N`` (output) fit the tiles."""
     t = tiles or TILES
-    return k % t.tile_k == 0 and n % (2 * t.tile_n * t.cluster) == 0
+    return k % t.tile_k == 0 and n % _n_multiple(t) == 0
+
+
+def _n_multiple(t: Tiles) -> int:
+    return t.tile_n if t.schedule == "pingpong" else 2 * t.tile_n * t.cluster
 
 
 def tgmm_fits(k: int, n: int, tiles: TTiles | None = None) -> bool:
     """Whether :func:`tgmm` takes widths ``K`` (of x) and ``N`` (of dy) with ``tiles``."""
     t = tiles or T_TILES
-    return k % BLOCK_M == 0 and n % (2 * t.tile_n) == 0
+    return k % BLOCK_M == 0 and n % (t.tile_n * (1 if t.schedule == "pingpong" else 2)) == 0
+
+
+def _check_wait(t) -> None:
+    if t.wait not in (0, 1) or (t.wait and t.stages < 2):
+        raise ValueError(
+            f"tiles.wait must be 0 or 1 (1 with stages >= 2), got wait={t.wait} stages={t.stages}"
+        )
+
+
+def pingpong_smem(t: Tiles, dtype) -> int:
+    """Shared memory of the ping-pong schedule: two rings of ``stages`` operand slots and
+    two epilogue buffers per consumer warpgroup."""
+    itemsize = jnp.dtype(dtype).itemsize
+    ring = t.stages * (BLOCK_M + t.tile_n) * t.tile_k * itemsize
+    return (1 if t.ring == "shared" else 2) * ring + 2 * min(
+        2, (BLOCK_M // t.epi) * (t.tile_n // t.epi)
+    ) * t.epi**2 * itemsize
 
 
 def _swizzled(minor_elems: int, itemsize: int) -> tuple:
@@ -169,6 +221,20 @@ def check(x: Array, w: Array, block_size: int, transpose_rhs: bool, tiles: Tiles
         raise ValueError(f"the Mosaic GPU block gmm needs block_size={BLOCK_M}, got {block_size}")
     if tiles.minor not in ("n", "m"):
         raise ValueError(f"tiles.minor must be 'n' or 'm', got {tiles.minor!r}")
+    if tiles.schedule not in ("cooperative", "pingpong"):
+        raise ValueError(
+            f"tiles.schedule must be 'cooperative' or 'pingpong', got {tiles.schedule!r}"
+        )
+    pingpong = tiles.schedule == "pingpong"
+    _check_wait(tiles)
+    if (tiles.order or tiles.ring != "split") and not pingpong:
+        raise ValueError(
+            f"tiles.order={tiles.order} and ring={tiles.ring!r} are for schedule='pingpong'"
+        )
+    if tiles.ring not in ("split", "shared"):
+        raise ValueError(f"tiles.ring must be 'split' or 'shared', got {tiles.ring!r}")
+    if pingpong and tiles.cluster != 1:
+        raise ValueError(f"tiles.schedule='pingpong' needs cluster=1, got {tiles.cluster}")
     if tiles.cluster not in (1, 2) or (tiles.cluster == 2 and tiles.chain):
         raise ValueError(
             f"tiles.cluster must be 1 or 2 (2 with chain=False), got cluster={tiles.cluster} "
@@ -180,9 +246,20 @@ def check(x: Array, w: Array, block_size: int, transpose_rhs: bool, tiles: Tiles
         x,
         w,
         [("K (x width)", k, "tile_k", tiles.tile_k),
-         ("N (output width)", n, "2*tile_n*cluster", 2 * tiles.tile_n * tiles.cluster)],
+         ("N (output width)", n, "tile_n" if pingpong else "2*tile_n*cluster",
+          _n_multiple(tiles))],
     )  # fmt: skip
-    if tiles.chain and ((k // tiles.tile_k) % tiles.stages or tiles.wait):
+    if tiles.ring == "shared" and ((k // tiles.tile_k) % (2 * tiles.stages) or not tiles.order):
+        raise ValueError(
+            f"tiles.ring='shared' needs order=True and K/tile_k = {k // tiles.tile_k} a "
+            f"multiple of 2*stages = {2 * tiles.stages} (got order={tiles.order})"
+        )
+    if pingpong and (smem := pingpong_smem(tiles, x.dtype)) > SMEM_BYTES:
+        raise ValueError(
+            f"tiles.schedule='pingpong' with tile_n={tiles.tile_n} tile_k={tiles.tile_k} "
+            f"stages={tiles.stages} needs {smem} bytes of shared memory, over {SMEM_BYTES}"
+        )
+    if not pingpong and tiles.chain and ((k // tiles.tile_k) % tiles.stages or tiles.wait):
         raise ValueError(
             f"tiles.chain needs K/tile_k = {k // tiles.tile_k} divisible by "
             f"stages={tiles.stages} and wait=0 (got wait={tiles.wait})"
@@ -221,6 +298,10 @@ def gmm(
 
     t = tiles or default_tiles(x.shape[1])
     check(x, w, block_size, transpose_rhs, t)
+    if t.schedule == "pingpong":
+        if profile_dir:
+            raise ValueError("profile_dir is for the cooperative schedule only")
+        return _gmm_pingpong(x, w, block_group, num_used, transpose_rhs, t)
     m, k = x.shape
     n = w.shape[1] if transpose_rhs else w.shape[2]
     dtype = x.dtype
@@ -373,6 +454,241 @@ def gmm(
     return kernel(block_group.astype(jnp.int32), used, x, w)
 
 
+def _pingpong(*, num_local, tile, load, mma, store, stages, a_smem, b_smem, full, consumed,
+              turn, acc_shape, wait, order):  # fmt: skip
+    """A ping-pong schedule over this program's ``num_local`` output tiles, inside a
+    3-warpgroup kernel: warpgroup 2 streams every tile's operands with TMA; consumer
+    warpgroups 0 and 1 take alternate tiles (``j % 2``), each a whole tile with its own
+    float32 accumulator, so one's epilogue runs while the other's ``wgmma`` mainloop does.
+
+    Each consumer has its own ring of ``stages`` operand slots (``a_smem[c]``,
+    ``b_smem[c]``; barriers ``full[c, slot]`` and ``consumed[c, slot]``), so every barrier
+    is waited by one warpgroup on every one of its phases (Mosaic GPU tracks a barrier's
+    phase per thread). The producer fills the rings in tile order, so the consumers'
+    mainloops come one after the other without a further barrier. Or, where the leading
+    dimension of the slots is 1, the consumers share one ring, taking its slots in tile
+    order. A barrier wait only knows a phase's parity, so each consumer's waits stay right
+    only when every tile passes over the ring an even number of times (a static step
+    count, a multiple of ``2 * stages``) and a consumer starts waiting on a tile's slots
+    only once the other has taken every slot of the tile before (``order``: without it the
+    second consumer's first wait would take the first consumer's data; on the H200 that
+    was a launch failure).
+
+    Args:
+      num_local: this program's tile count (traced int32).
+      tile: ``j -> info``, a tuple whose first entry is the tile's step count.
+      load: ``(info, step, a_dst, b_dst, barrier)`` issues the step's two TMA copies.
+      mma: ``(info, acc_ref, a_slot, b_slot)`` issues the step's ``wgmma``.
+      store: ``(info, acc)`` the epilogue of a finished tile (float32 ``acc``).
+      wait: ``wgmma`` groups a consumer leaves in flight after issuing a step's (0 or 1;
+        with 1 the tensor cores have the next step queued while this one's slot is
+        released, which a lone consumer's mainloop needs: the other one is not there to
+        fill the gap).
+      order: the consumers' mainloops strictly alternate: each waits on ``turn[wg]``
+        before its first step and arrives on the other's after issuing its last, so one
+        consumer's epilogue always runs beside the other's mainloop.
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    wg = lax.axis_index("wg")
+    # one ring both consumers take in tile order (Mosaic GPU tracks a barrier's phase per
+    # thread: this needs an even number of passes over the ring per tile, a static count)
+    shared = a_smem.shape[0] == 1
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        def per_tile(j, filled):  # steps filled so far in each ring
+            c = j % 2
+            info = tile(j)
+            r = 0 if shared else c
+            base = j * info[0] if shared else jnp.where(c == 0, filled[0], filled[1])
+
+            @pl.loop(0, info[0])
+            def _steps(s):
+                slot = (base + s) % stages
+
+                @pl.when(base + s >= stages)
+                def _reuse():
+                    plgpu.barrier_wait(consumed.at[r, slot])
+
+                load(info, s, a_smem.at[r, slot], b_smem.at[r, slot], full.at[r, slot])
+
+            more = base + info[0]
+            return jnp.where(c == 0, more, filled[0]), jnp.where(c == 1, more, filled[1])
+
+        lax.fori_loop(0, num_local, per_tile, (jnp.int32(0), jnp.int32(0)))
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+
+        def per_tile(i, taken):
+            info = tile(2 * i + wg)
+            r = 0 if shared else wg
+            if shared:
+                taken = (2 * i + wg) * info[0]
+
+            def mainloop(acc_ref):
+                if order:  # this consumer's turn: the other has issued its mainloop
+
+                    @pl.when((wg == 1) | (i > 0))
+                    def _turn():
+                        plgpu.barrier_wait(turn.at[wg])
+
+                @pl.loop(0, info[0])
+                def _steps(s):
+                    slot = (taken + s) % stages
+                    plgpu.barrier_wait(full.at[r, slot])
+                    mma(info, acc_ref, a_smem.at[r, slot], b_smem.at[r, slot])
+                    plgpu.wgmma_wait(wait)
+                    if wait:  # the previous step's wgmma is done: release its slot
+
+                        @pl.when(s > 0)
+                        def _release():
+                            plgpu.barrier_arrive(consumed.at[r, (taken + s - 1) % stages])
+
+                    else:
+                        plgpu.barrier_arrive(consumed.at[r, slot])
+
+                if order:
+                    plgpu.barrier_arrive(turn.at[1 - wg])
+                if wait:
+                    plgpu.wgmma_wait(0)
+
+                    @pl.when(info[0] > 0)
+                    def _release_last():
+                        plgpu.barrier_arrive(consumed.at[r, (taken + info[0] - 1) % stages])
+
+                return acc_ref[...]
+
+            with jax.named_scope("mainloop"):
+                acc = pl.run_scoped(mainloop, plgpu.ACC(acc_shape))
+            with jax.named_scope("epilogue"):
+                store(info, acc)
+            return taken + info[0]
+
+        lax.fori_loop(0, (num_local - wg + 1) // 2, per_tile, jnp.int32(0))
+
+
+def _store_pieces(out, dst, out_smem, epi: int, slots: int) -> None:
+    """A warpgroup's finished tile ``out`` (a value, already in the output dtype) to the
+    global ref ``dst`` of its shape, through its shared-memory buffers ``out_smem[slot]``
+    with TMA in ``epi x epi`` pieces."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    rows, cols = out.shape
+    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+    for p in range((rows // epi) * (cols // epi)):
+        i, j = divmod(p, cols // epi)
+        slot = p % slots
+        plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
+        out_smem[slot] = out[i * epi : (i + 1) * epi, j * epi : (j + 1) * epi]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem.at[slot], dst.at[pl.ds(i * epi, epi), pl.ds(j * epi, epi)])
+
+
+def _local_tiles(total):
+    """This program's share of ``total`` tiles taken round-robin over the SMs."""
+    sms = _num_sms()
+    return (jnp.maximum(total - lax.axis_index("sm"), 0) + sms - 1) // sms
+
+
+def _gmm_pingpong(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
+    """:func:`gmm` with ``tiles.schedule == "pingpong"`` (see :func:`_pingpong`): each
+    consumer warpgroup computes whole ``128 x tile_n`` tiles."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = x.shape
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    dtype = x.dtype
+    tn, tk = t.tile_n, t.tile_k
+    n_iters, k_iters = n // tn, k // tk
+    num_blocks = m // BLOCK_M
+    itemsize = jnp.dtype(dtype).itemsize
+    x_transforms = _swizzled(tk, itemsize)
+    w_shape = (tn, tk) if transpose_rhs else (tk, tn)
+    w_transforms = x_transforms if transpose_rhs else _swizzled(tn, itemsize)
+    slots = min(2, (BLOCK_M // t.epi) * (tn // t.epi))
+    minor = 1 if t.minor == "n" else 0
+    rings = 1 if t.ring == "shared" else 2
+
+    def body(group_gmem, used_gmem, x_gmem, w_gmem, out_gmem):
+        wg = lax.axis_index("wg")
+        used = used_gmem[0]
+
+        def tile(j):
+            index = lax.axis_index("sm") + j * _num_sms()
+            mi, ni = plgpu.planar_snake(index, (used, n_iters), minor, t.band)
+            return k_iters, mi, ni, group_gmem[mi]
+
+        def load(info, s, x_dst, w_dst, barrier):
+            _, mi, ni, g = info
+            rows, cols, ks = pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn), pl.ds(s * tk, tk)
+            plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_dst, barrier)
+            w_src = w_gmem.at[g, cols, ks] if transpose_rhs else w_gmem.at[g, ks, cols]
+            plgpu.copy_gmem_to_smem(w_src, w_dst, barrier)
+
+        def mma(info, acc_ref, x_slot, w_slot):
+            plgpu.wgmma(acc_ref, x_slot, w_slot.transpose((1, 0)) if transpose_rhs else w_slot)
+
+        @functools.partial(
+            pl.run_scoped,
+            a_smem=plgpu.SMEM((rings, t.stages, BLOCK_M, tk), dtype, transforms=x_transforms),
+            b_smem=plgpu.SMEM((rings, t.stages, *w_shape), dtype, transforms=w_transforms),
+            out_smem=plgpu.SMEM(
+                (2, slots, t.epi, t.epi), dtype, transforms=_swizzled(t.epi, itemsize)
+            ),
+            full=plgpu.Barrier(num_arrivals=2, num_barriers=(rings, t.stages)),
+            consumed=plgpu.Barrier(num_barriers=(rings, t.stages)),
+            turn=plgpu.Barrier(num_barriers=2),
+            collective_axes="wg",
+        )
+        def _scope(a_smem, b_smem, out_smem, full, consumed, turn):
+            def store(info, acc):
+                _, mi, ni, _ = info
+                dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
+                _store_pieces(acc.astype(dtype), dst, out_smem.at[wg], t.epi, slots)
+
+            _pingpong(
+                num_local=_local_tiles(used * n_iters), tile=tile, load=load, mma=mma,
+                store=store, stages=t.stages, a_smem=a_smem, b_smem=b_smem, full=full,
+                consumed=consumed, acc_shape=(BLOCK_M, tn), wait=t.wait,
+                turn=turn, order=t.order,
+            )  # fmt: skip
+
+            # the blocks past the used ones get zeros (the contract of grouped_matmul.gmm),
+            # each consumer warpgroup every other one of this program's spare tiles
+            @pl.when(wg < 2)
+            def _zero_spare_blocks():
+                zeros = jnp.zeros((BLOCK_M, tn), dtype)
+
+                @pl.loop(wg, _local_tiles((num_blocks - used) * n_iters), step=2)
+                def _spare(j):
+                    index = lax.axis_index("sm") + j * _num_sms()
+                    mi, ni = used + index // n_iters, index % n_iters
+                    dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
+                    _store_pieces(zeros, dst, out_smem.at[wg], t.epi, slots)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), dtype),
+        grid=(_num_sms(),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    used = jnp.reshape(num_used, (1,)).astype(jnp.int32)
+    return kernel(block_group.astype(jnp.int32), used, x, w)
+
+
 @dataclasses.dataclass(frozen=True)
 class TTiles:
     """Tiling of :func:`tgmm`.
@@ -386,12 +702,22 @@ class TTiles:
         tile_r * 2`` bytes, plus the epilogue's ``2 * 2 * 64 * 64 * itemsize``; with a
         float32 ``out_dtype`` 3 stages fit, with a 16-bit one 4).
       band: output tiles of one group are visited in bands of this many along N.
+      schedule: ``"cooperative"`` (the two consumer warpgroups share each ``128 x
+        2*tile_n`` tile) or ``"pingpong"`` (each takes whole ``128 x tile_n`` tiles,
+        alternately: :func:`_pingpong`; ``stages`` slots per consumer, N a multiple of
+        ``tile_n``).
+      wait: ``wgmma`` groups left in flight at the end of a step, 0 or 1 (the ping-pong
+        schedule only; the cooperative one waits for each).
+      order: the ping-pong consumers' mainloops strictly alternate (:func:`_pingpong`).
     """
 
     tile_n: int = 128
     tile_r: int = 64
     stages: int = 3
     band: int = 4
+    schedule: str = "cooperative"
+    wait: int = 0
+    order: bool = False
 
     def replace(self, **kw) -> TTiles:
         return dataclasses.replace(self, **kw)
@@ -446,12 +772,33 @@ def tgmm(
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     if t.tile_r not in (64, 128):  # wgmma on a transposed 16-bit operand: 64-row steps
         raise ValueError(f"tiles.tile_r must be 64 or 128, got {t.tile_r}")
+    if t.schedule not in ("cooperative", "pingpong"):
+        raise ValueError(f"tiles.schedule must be 'cooperative' or 'pingpong', got {t.schedule!r}")
+    pingpong = t.schedule == "pingpong"
+    _check_wait(t)
+    if not pingpong and (t.wait or t.order):
+        raise ValueError(
+            f"tiles.wait={t.wait} and order={t.order} are for schedule='pingpong' only"
+        )
     k, n = x.shape[1], dy.shape[1]
     check_operands(
         x,
         dy,
-        [("K (x width)", k, "128", BLOCK_M), ("N (dy width)", n, "2*tile_n", 2 * t.tile_n)],
-    )
+        [("K (x width)", k, "128", BLOCK_M),
+         ("N (dy width)", n, *(("tile_n", t.tile_n) if pingpong else ("2*tile_n", 2 * t.tile_n)))],
+    )  # fmt: skip
+    if pingpong:
+        itemsize, out_itemsize = jnp.dtype(x.dtype).itemsize, jnp.dtype(out_dtype).itemsize
+        smem = (
+            2 * t.stages * (BLOCK_M + t.tile_n) * t.tile_r * itemsize + 4 * 64 * 64 * out_itemsize
+        )
+        if smem > SMEM_BYTES:
+            raise ValueError(
+                f"tiles.schedule='pingpong' with tile_n={t.tile_n} tile_r={t.tile_r} "
+                f"stages={t.stages} and out_dtype={jnp.dtype(out_dtype).name} needs {smem} "
+                f"bytes of shared memory, over {SMEM_BYTES}"
+            )
+        return _tgmm_pingpong(x, dy, group_start, t, out_dtype)
     num_groups = group_start.shape[0] - 1
     cta_n = 2 * t.tile_n
     k_tiles, n_tiles = k // BLOCK_M, n // cta_n
@@ -556,11 +903,88 @@ def tgmm(
     return kernel(group_start.astype(jnp.int32), x, dy)
 
 
+def _tgmm_pingpong(x, dy, group_start, t: TTiles, out_dtype):
+    """:func:`tgmm` with ``tiles.schedule == "pingpong"`` (see :func:`_pingpong`): each
+    consumer warpgroup computes whole ``128 x tile_n`` tiles of one group's ``[K, N]``."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    k, n = x.shape[1], dy.shape[1]
+    tn, tr, epi = t.tile_n, t.tile_r, 64
+    num_groups = group_start.shape[0] - 1
+    k_tiles, n_tiles = k // BLOCK_M, n // tn
+    steps_per_block = BLOCK_M // tr
+    itemsize = jnp.dtype(x.dtype).itemsize
+
+    def body(start_gmem, x_gmem, dy_gmem, out_gmem):
+        wg = lax.axis_index("wg")
+
+        def tile(j):
+            index = lax.axis_index("sm") + j * _num_sms()
+            g = index // (k_tiles * n_tiles)
+            ki, ni = plgpu.planar_snake(index % (k_tiles * n_tiles), (k_tiles, n_tiles), 1, t.band)
+            first = start_gmem[g]
+            return (start_gmem[g + 1] - first) * steps_per_block, g, ki, ni, first
+
+        def load(info, s, x_dst, dy_dst, barrier):
+            _, _, ki, ni, first = info
+            rows = pl.ds(first * BLOCK_M + s * tr, tr)
+            plgpu.copy_gmem_to_smem(x_gmem.at[rows, pl.ds(ki * BLOCK_M, BLOCK_M)], x_dst, barrier)
+            plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(ni * tn, tn)], dy_dst, barrier)
+
+        def mma(info, acc_ref, x_slot, dy_slot):
+            plgpu.wgmma(acc_ref, plgpu.transpose_ref(x_slot, (1, 0)), dy_slot)
+
+        @functools.partial(
+            pl.run_scoped,
+            a_smem=plgpu.SMEM(
+                (2, t.stages, tr, BLOCK_M), x.dtype, transforms=_swizzled(BLOCK_M, itemsize)
+            ),
+            b_smem=plgpu.SMEM((2, t.stages, tr, tn), x.dtype, transforms=_swizzled(tn, itemsize)),
+            out_smem=plgpu.SMEM(
+                (2, 2, epi, epi), out_dtype,
+                transforms=_swizzled(epi, jnp.dtype(out_dtype).itemsize),
+            ),
+            full=plgpu.Barrier(num_arrivals=2, num_barriers=(2, t.stages)),
+            consumed=plgpu.Barrier(num_barriers=(2, t.stages)),
+            turn=plgpu.Barrier(num_barriers=2),
+            collective_axes="wg",
+        )  # fmt: skip
+        def _scope(a_smem, b_smem, out_smem, full, consumed, turn):
+            def store(info, acc):
+                _, g, ki, ni, _ = info
+                dst = out_gmem.at[g, pl.ds(ki * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
+                _store_pieces(acc.astype(out_dtype), dst, out_smem.at[wg], epi, 2)
+
+            _pingpong(
+                num_local=_local_tiles(num_groups * k_tiles * n_tiles), tile=tile, load=load,
+                mma=mma, store=store, stages=t.stages, a_smem=a_smem, b_smem=b_smem,
+                full=full, consumed=consumed, acc_shape=(BLOCK_M, tn), wait=t.wait,
+                turn=turn, order=t.order,
+            )  # fmt: skip
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
+        grid=(_num_sms(),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    return kernel(group_start.astype(jnp.int32), x, dy)
+
+
 __all__ = [
     "BLOCK_M",
     "CHAIN_MAX_K",
     "DTYPES",
+    "PINGPONG_TILES",
     "PROFILE_SPANS",
+    "SHORT_K_SCHEDULE",
+    "SMEM_BYTES",
     "TILES",
     "TTiles",
     "T_TILES",
@@ -570,6 +994,7 @@ __all__ = [
     "default_tiles",
     "fits",
     "gmm",
+    "pingpong_smem",
     "tgmm",
     "tgmm_fits",
 ]

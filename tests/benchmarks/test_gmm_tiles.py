@@ -61,3 +61,18 @@ def test_where_keeps_matching_block_tilings_and_the_defaults():
     assert len(everything) > len(kept) + 1  # dense, and the tilings the filter dropped
     with pytest.raises(ValueError, match="--where: 'size=2' is not FIELD=VALUE"):
         gmm_tiles.parse_where("size=2")
+
+
+def test_where_selects_the_weight_gradient_tilings_by_their_own_fields():
+    from modjax.kernels import mgpu_block_gmm as bg
+
+    where = gmm_tiles.parse_where("schedule=pingpong")
+    for kind, default in (("up", bg.TILES), ("tg_up", bg.T_TILES)):
+        kept = [c for impl, c in gmm_tiles._candidates(kind, ["block"], where) if impl == "block"]
+        assert default in kept
+        others = [c for c in kept if c.schedule != "pingpong"]
+        assert set(others) <= {bg.TILES, bg.default_tiles(512), bg.T_TILES}
+        assert len(kept) > len(others)  # the ping-pong tilings of either kernel
+    # a field the weight-gradient tiles lack keeps only their default
+    clusters = gmm_tiles._candidates("tg_up", ["block"], {"cluster": 2})
+    assert [c for impl, c in clusters if impl == "block"] == [bg.T_TILES]
