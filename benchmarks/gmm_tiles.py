@@ -82,35 +82,16 @@ BLOCK_GMM += [  # clusters of two CTAs sharing x tiles by TMA multicast (not yet
     for kw in (dict(cluster=2), dict(cluster=2, minor="n"), dict(cluster=2, band=16),
                dict(cluster=2, stages=3))
 ]  # fmt: skip
-BLOCK_GMM += [  # ping-pong: each consumer warpgroup a whole 128 x tile_n tile, in turn
-    mgpu_block_gmm.Tiles(schedule="pingpong", **kw)
-    for kw in (dict(stages=3, minor="m", wait=1), dict(stages=3, minor="n", wait=1),
-               dict(stages=3, minor="m", band=16, wait=1), dict(stages=2, minor="m", wait=1),
-               dict(tile_n=64, stages=4, minor="m", wait=1), dict(stages=3, minor="m"),
-               dict(stages=3, minor="m", wait=1, order=True),
-               dict(stages=3, minor="n", wait=1, order=True),
-               dict(stages=4, minor="m", wait=1, order=True, ring="shared"),
-               dict(stages=4, minor="n", wait=1, order=True, ring="shared"),
-               dict(stages=4, minor="m", order=True, ring="shared"),
-               dict(stages=4, minor="m", band=16, wait=1, order=True, ring="shared"),
-               dict(tile_k=128, stages=2, minor="m", wait=1, order=True, ring="shared"))
+BLOCK_GMM += [  # ping-pong: each consumer warpgroup whole 128 x tile_n tiles, in turn
+    mgpu_block_gmm.PINGPONG_TILES.replace(**kw)
+    for kw in (dict(), dict(minor="n"), dict(band=16), dict(wait=0),
+               dict(tile_k=128, stages=2))
 ]  # fmt: skip
 BLOCK_TGMM = [  # modjax's own weight-gradient kernel (bf16 out)
     mgpu_block_gmm.T_TILES,
     mgpu_block_gmm.TTiles(band=8),
     mgpu_block_gmm.TTiles(stages=4),
     mgpu_block_gmm.TTiles(tile_n=64, tile_r=128, stages=2),
-]
-BLOCK_TGMM += [
-    mgpu_block_gmm.TTiles(schedule="pingpong", **kw)
-    for kw in (
-        dict(wait=1),
-        dict(band=8, wait=1),
-        dict(stages=2, wait=1),
-        dict(),
-        dict(tile_n=64, tile_r=128, stages=2, wait=1),
-        dict(wait=1, order=True),
-    )
 ]
 IMPLS = ("pallas", "mgpu", "block")
 
@@ -176,8 +157,9 @@ def _time(fn, args, iters):
 
 def _candidates(kind, impls, where=None):
     """``(impl, tiles)`` to time; ``where`` (``{field: value}``) keeps, of the block
-    kernels' tilings, those that match it and the defaults (``TILES``, the chained one,
-    ``T_TILES``; a weight-gradient tiling without one of the fields does not match)."""
+    kernels' tilings, those that match it and the defaults (``TILES``, the ping-pong and
+    chained ones, ``T_TILES``; a weight-gradient tiling without one of the fields does not
+    match)."""
     tg = kind.startswith("tg")
     table = {
         "pallas": PALLAS_TGMM if tg else PALLAS_GMM,
@@ -188,7 +170,12 @@ def _candidates(kind, impls, where=None):
     def keep(impl, c):
         if impl != "block" or not where:
             return True
-        defaults = (mgpu_block_gmm.TILES, mgpu_block_gmm.default_tiles(512), mgpu_block_gmm.T_TILES)
+        defaults = (
+            mgpu_block_gmm.TILES,
+            mgpu_block_gmm.default_tiles(512),
+            mgpu_block_gmm.default_tiles(768),  # chained cooperative pipelines
+            mgpu_block_gmm.T_TILES,
+        )
         return c in defaults or all(getattr(c, f, None) == v for f, v in where.items())
 
     return [("dense", None)] + [(i, c) for i in impls for c in table[i] if keep(i, c)]

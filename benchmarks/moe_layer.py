@@ -113,9 +113,6 @@ def _scan_searchsorted(a, v, side="left", sorter=None, *, method=None):
 
 
 _SEARCHSORTED = jnp.searchsorted
-#: the ping-pong variants' tilings (``mgpu_block_gmm.Tiles.schedule``)
-PP_TILES = mgpu_block_gmm.Tiles(schedule="pingpong", stages=3, minor="m", wait=1)
-PP_TTILES = mgpu_block_gmm.TTiles(schedule="pingpong", wait=1)
 
 
 @contextlib.contextmanager
@@ -132,15 +129,9 @@ def patched(module, **attrs):
 
 
 def _pingpong_tiles(k):
-    """The block gmm's tiles in the ping-pong variants, whatever the contraction width."""
-    del k
-    return PP_TILES
-
-
-def _shared_ring_tiles(k):
-    """Ping-pong with a shared ring where the contraction allows it, the default otherwise."""
-    shared = PP_TILES.replace(ring="shared", order=True, stages=4)
-    return shared if (k // shared.tile_k) % (2 * shared.stages) == 0 else _DEFAULT_TILES(k)
+    """Ping-pong wherever its ring allows (``K / 64`` a multiple of 8), else the default."""
+    pp = mgpu_block_gmm.PINGPONG_TILES
+    return pp if (k // pp.tile_k) % (2 * pp.stages) == 0 else _DEFAULT_TILES(k)
 
 
 _DEFAULT_TILES = mgpu_block_gmm.default_tiles
@@ -167,21 +158,10 @@ def _variants():
         "scan": lambda: patched(jnp, searchsorted=_scan_searchsorted),
         # rows ranked in their group by a running count instead of a sort (the same layout)
         "count": lambda: patched(gm, LAYOUT_RANKS="count"),
-        # the block kernels' ping-pong schedule (each consumer warpgroup a whole tile):
-        # both kernels, the forward/input-gradient gmm only, the weight gradient only
-        "pingpong": lambda: patched(bg, default_tiles=_pingpong_tiles, T_TILES=PP_TTILES),
-        "ppgmm": lambda: patched(bg, default_tiles=_pingpong_tiles),
-        "pptgmm": lambda: patched(bg, T_TILES=PP_TTILES),
         # short contractions in chained cooperative pipelines (the default before ping-pong)
         "coop": lambda: patched(bg, SHORT_K_SCHEDULE="cooperative"),
-        # the forward/input-gradient gmm in ping-pong with one ring both consumers share
-        "ppshared": lambda: patched(bg, default_tiles=_shared_ring_tiles),
-        # ping-pong with strictly alternating mainloops (Tiles.order)
-        "pporder": lambda: patched(
-            bg,
-            default_tiles=lambda k: PP_TILES.replace(order=True),
-            T_TILES=PP_TTILES.replace(order=True),
-        ),
+        # the forward/input-gradient gmm in ping-pong wherever its ring allows (every K)
+        "pingpong": lambda: patched(bg, default_tiles=_pingpong_tiles),
     }
 
 
@@ -376,8 +356,8 @@ def main(argv=None):
         "block gmm in 2-CTA clusters; dropless+grouped the three grouped matmuls where "
         "the CPU would fuse them; dropless+scan the layout's block groups by a while loop; "
         "dropless+count the layout's ranks by a running count, not a sort; "
-        "dropless+pingpong (+ppgmm, +pptgmm, +pporder, +ppshared) the block kernels' "
-        "ping-pong schedule at every K; dropless+coop short contractions cooperative",
+        "dropless+pingpong the block gmm's ping-pong schedule at every K; dropless+coop "
+        "short contractions cooperative (chained)",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")

@@ -86,14 +86,11 @@ class Tiles:
         against 686; the layer 1-3% slower), so no default takes it: operand traffic
         does not limit this kernel (``benchmarks/RESULTS.md``).
       schedule: ``"cooperative"``: the two consumer warpgroups share each ``128 x
-        2*tile_n`` tile; or ``"pingpong"``: each takes whole ``128 x tile_n`` tiles,
-        alternately, so one's epilogue overlaps the other's mainloop (:func:`_pingpong`;
-        ``stages`` slots per consumer, ``chain`` does not apply, ``cluster`` must be 1;
-        N a multiple of ``tile_n``).
-      order: the ping-pong consumers' mainloops strictly alternate (:func:`_pingpong`).
-      ring: ``"split"`` (ping-pong: a ring of ``stages`` slots per consumer) or
-        ``"shared"`` (one ring of ``stages`` slots both take in turn; needs ``order`` and
-        ``K / tile_k`` a multiple of ``2 * stages``).
+        2*tile_n`` tile; or ``"pingpong"``: each takes whole ``128 x tile_n`` tiles in
+        turn, so one's epilogue overlaps the other's mainloop (:func:`_pingpong`: one
+        ring of ``stages`` slots, ``K / tile_k`` a multiple of ``2 * stages``; ``wait``
+        0 or 1, ``chain`` does not apply, ``cluster`` must be 1; N a multiple of
+        ``tile_n``).
 
     On the H200 neither ``wait=1`` nor the one-piece epilogue moved the short
     contractions (K=512-1024) by more than the noise, in either direction; chaining
@@ -110,8 +107,6 @@ class Tiles:
     chain: bool = False
     cluster: int = 1
     schedule: str = "cooperative"
-    order: bool = False
-    ring: str = "split"
 
     def replace(self, **kw) -> Tiles:
         return dataclasses.replace(self, **kw)
@@ -124,7 +119,7 @@ TILES = Tiles(minor="m")
 CHAIN_MAX_K = 1024
 #: the ping-pong tiling of short contractions: one shared ring of 4 slots, mainloops in
 #: strict turns, one ``wgmma`` group left in flight
-PINGPONG_TILES = Tiles(schedule="pingpong", ring="shared", order=True, stages=4, wait=1, minor="m")
+PINGPONG_TILES = Tiles(schedule="pingpong", stages=4, wait=1, minor="m")
 #: ``"pingpong"`` (:data:`PINGPONG_TILES`) or ``"cooperative"`` (chained pipelines): what
 #: short contractions take
 SHORT_K_SCHEDULE = "pingpong"
@@ -165,24 +160,16 @@ def _n_multiple(t: Tiles) -> int:
 def tgmm_fits(k: int, n: int, tiles: TTiles | None = None) -> bool:
     """Whether :func:`tgmm` takes widths ``K`` (of x) and ``N`` (of dy) with ``tiles``."""
     t = tiles or T_TILES
-    return k % BLOCK_M == 0 and n % (t.tile_n * (1 if t.schedule == "pingpong" else 2)) == 0
-
-
-def _check_wait(t) -> None:
-    if t.wait not in (0, 1) or (t.wait and t.stages < 2):
-        raise ValueError(
-            f"tiles.wait must be 0 or 1 (1 with stages >= 2), got wait={t.wait} stages={t.stages}"
-        )
+    return k % BLOCK_M == 0 and n % (2 * t.tile_n) == 0
 
 
 def pingpong_smem(t: Tiles, dtype) -> int:
-    """Shared memory of the ping-pong schedule: two rings of ``stages`` operand slots and
-    two epilogue buffers per consumer warpgroup."""
+    """Shared memory of the ping-pong schedule: a ring of ``stages`` operand slots and two
+    epilogue buffers per consumer warpgroup."""
     itemsize = jnp.dtype(dtype).itemsize
     ring = t.stages * (BLOCK_M + t.tile_n) * t.tile_k * itemsize
-    return (1 if t.ring == "shared" else 2) * ring + 2 * min(
-        2, (BLOCK_M // t.epi) * (t.tile_n // t.epi)
-    ) * t.epi**2 * itemsize
+    slots = min(2, (BLOCK_M // t.epi) * (t.tile_n // t.epi))
+    return ring + 2 * slots * t.epi**2 * itemsize
 
 
 def _swizzled(minor_elems: int, itemsize: int) -> tuple:
@@ -226,15 +213,11 @@ def check(x: Array, w: Array, block_size: int, transpose_rhs: bool, tiles: Tiles
             f"tiles.schedule must be 'cooperative' or 'pingpong', got {tiles.schedule!r}"
         )
     pingpong = tiles.schedule == "pingpong"
-    _check_wait(tiles)
-    if (tiles.order or tiles.ring != "split") and not pingpong:
+    if pingpong and (tiles.cluster != 1 or tiles.wait not in (0, 1)):
         raise ValueError(
-            f"tiles.order={tiles.order} and ring={tiles.ring!r} are for schedule='pingpong'"
+            f"tiles.schedule='pingpong' needs cluster=1 and wait 0 or 1, got "
+            f"cluster={tiles.cluster} wait={tiles.wait}"
         )
-    if tiles.ring not in ("split", "shared"):
-        raise ValueError(f"tiles.ring must be 'split' or 'shared', got {tiles.ring!r}")
-    if pingpong and tiles.cluster != 1:
-        raise ValueError(f"tiles.schedule='pingpong' needs cluster=1, got {tiles.cluster}")
     if tiles.cluster not in (1, 2) or (tiles.cluster == 2 and tiles.chain):
         raise ValueError(
             f"tiles.cluster must be 1 or 2 (2 with chain=False), got cluster={tiles.cluster} "
@@ -249,10 +232,10 @@ def check(x: Array, w: Array, block_size: int, transpose_rhs: bool, tiles: Tiles
          ("N (output width)", n, "tile_n" if pingpong else "2*tile_n*cluster",
           _n_multiple(tiles))],
     )  # fmt: skip
-    if tiles.ring == "shared" and ((k // tiles.tile_k) % (2 * tiles.stages) or not tiles.order):
+    if pingpong and (k // tiles.tile_k) % (2 * tiles.stages):
         raise ValueError(
-            f"tiles.ring='shared' needs order=True and K/tile_k = {k // tiles.tile_k} a "
-            f"multiple of 2*stages = {2 * tiles.stages} (got order={tiles.order})"
+            f"tiles.schedule='pingpong' needs K/tile_k = {k // tiles.tile_k} a multiple of "
+            f"2*stages = {2 * tiles.stages}"
         )
     if pingpong and (smem := pingpong_smem(tiles, x.dtype)) > SMEM_BYTES:
         raise ValueError(
@@ -360,20 +343,9 @@ def gmm(
             used = used_gmem[0]
 
             def store(out, rows, cols):
-                """This warpgroup's half of a ``128 x cta_n`` output tile, through shared
-                memory with TMA in ``epi x epi`` pieces (``slots`` buffers)."""
-                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                """This warpgroup's half of a ``128 x cta_n`` output tile."""
                 dst = out_gmem.at[rows, cols].at[:, wg_cols]
-                for i in range(BLOCK_M // t.epi):
-                    for j in range(pieces_n):
-                        slot = (i * pieces_n + j) % slots
-                        plgpu.wait_smem_to_gmem(slots - 1, wait_read_only=True)
-                        out_smem[wg, slot] = out[
-                            i * t.epi : (i + 1) * t.epi, j * t.epi : (j + 1) * t.epi
-                        ]
-                        plgpu.commit_smem()
-                        piece = dst.at[pl.ds(i * t.epi, t.epi), pl.ds(j * t.epi, t.epi)]
-                        plgpu.copy_smem_to_gmem(out_smem.at[wg, slot], piece)
+                _store_pieces(out, dst, out_smem.at[wg], t.epi, slots)
 
             @plgpu.nd_loop((used * n_iters,), collective_axes="sm")
             def _tiles(info):
@@ -455,122 +427,102 @@ def gmm(
 
 
 def _pingpong(*, num_local, tile, load, mma, store, stages, a_smem, b_smem, full, consumed,
-              turn, acc_shape, wait, order):  # fmt: skip
+              turn, acc_shape, wait):  # fmt: skip
     """A ping-pong schedule over this program's ``num_local`` output tiles, inside a
-    3-warpgroup kernel: warpgroup 2 streams every tile's operands with TMA; consumer
-    warpgroups 0 and 1 take alternate tiles (``j % 2``), each a whole tile with its own
-    float32 accumulator, so one's epilogue runs while the other's ``wgmma`` mainloop does.
+    3-warpgroup kernel: warpgroup 2 streams every tile's operands with TMA into one ring
+    of ``stages`` slots; consumer warpgroups 0 and 1 take alternate tiles (``j % 2``), each
+    a whole tile with its own float32 accumulator, so one's epilogue runs while the
+    other's ``wgmma`` mainloop does.
 
-    Each consumer has its own ring of ``stages`` operand slots (``a_smem[c]``,
-    ``b_smem[c]``; barriers ``full[c, slot]`` and ``consumed[c, slot]``), so every barrier
-    is waited by one warpgroup on every one of its phases (Mosaic GPU tracks a barrier's
-    phase per thread). The producer fills the rings in tile order, so the consumers'
-    mainloops come one after the other without a further barrier. Or, where the leading
-    dimension of the slots is 1, the consumers share one ring, taking its slots in tile
-    order. A barrier wait only knows a phase's parity, so each consumer's waits stay right
-    only when every tile passes over the ring an even number of times (a static step
-    count, a multiple of ``2 * stages``) and a consumer starts waiting on a tile's slots
-    only once the other has taken every slot of the tile before (``order``: without it the
-    second consumer's first wait would take the first consumer's data; on the H200 that
-    was a launch failure).
+    The consumers take the ring's slots in tile order, in strict turns: each waits on
+    ``turn[wg]`` before its tile's first step and arrives on the other's once it has
+    taken its last. A barrier wait knows only its phase's parity (Mosaic GPU tracks it
+    per thread, toggled at each wait), so a consumer's waits stay right only when
+
+    * every tile passes over the ring an even number of times (a static step count, a
+      multiple of ``2 * stages``): the other consumer's tile then leaves each slot's
+      parity as it found it;
+    * a consumer starts waiting on a tile's slots only once the other has taken every
+      slot of the tile before: without the turns, the second consumer's first wait
+      matched the first consumer's fill of the same parity (on the H200, a launch
+      failure).
 
     Args:
       num_local: this program's tile count (traced int32).
-      tile: ``j -> info``, a tuple whose first entry is the tile's step count.
+      tile: ``j -> info``, a tuple whose first entry is the tile's (static) step count.
       load: ``(info, step, a_dst, b_dst, barrier)`` issues the step's two TMA copies.
       mma: ``(info, acc_ref, a_slot, b_slot)`` issues the step's ``wgmma``.
       store: ``(info, acc)`` the epilogue of a finished tile (float32 ``acc``).
-      wait: ``wgmma`` groups a consumer leaves in flight after issuing a step's (0 or 1;
-        with 1 the tensor cores have the next step queued while this one's slot is
-        released, which a lone consumer's mainloop needs: the other one is not there to
-        fill the gap).
-      order: the consumers' mainloops strictly alternate: each waits on ``turn[wg]``
-        before its first step and arrives on the other's after issuing its last, so one
-        consumer's epilogue always runs beside the other's mainloop.
+      stages: the ring's slots (``a_smem``, ``b_smem``: ``[stages, ...]``; barriers
+        ``full`` and ``consumed``: ``[stages]``; ``turn``: ``[2]``).
+      wait: ``wgmma`` groups a consumer leaves in flight after issuing a step's (0 or 1:
+        with 1 the tensor cores have the next step queued while the previous one's slot
+        is released; a lone consumer's mainloop has no other to fill that gap).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     wg = lax.axis_index("wg")
-    # one ring both consumers take in tile order (Mosaic GPU tracks a barrier's phase per
-    # thread: this needs an even number of passes over the ring per tile, a static count)
-    shared = a_smem.shape[0] == 1
 
     @pl.when(wg == 2)
     def _producer():
         plgpu.set_max_registers(40, action="decrease")
 
-        def per_tile(j, filled):  # steps filled so far in each ring
-            c = j % 2
+        @pl.loop(0, num_local)
+        def _tile(j):
             info = tile(j)
-            r = 0 if shared else c
-            base = j * info[0] if shared else jnp.where(c == 0, filled[0], filled[1])
 
             @pl.loop(0, info[0])
             def _steps(s):
-                slot = (base + s) % stages
+                g = j * info[0] + s
+                slot = g % stages
 
-                @pl.when(base + s >= stages)
+                @pl.when(g >= stages)
                 def _reuse():
-                    plgpu.barrier_wait(consumed.at[r, slot])
+                    plgpu.barrier_wait(consumed.at[slot])
 
-                load(info, s, a_smem.at[r, slot], b_smem.at[r, slot], full.at[r, slot])
-
-            more = base + info[0]
-            return jnp.where(c == 0, more, filled[0]), jnp.where(c == 1, more, filled[1])
-
-        lax.fori_loop(0, num_local, per_tile, (jnp.int32(0), jnp.int32(0)))
+                load(info, s, a_smem.at[slot], b_smem.at[slot], full.at[slot])
 
     @pl.when(wg < 2)
     def _consumer():
         plgpu.set_max_registers(232, action="increase")
 
-        def per_tile(i, taken):
-            info = tile(2 * i + wg)
-            r = 0 if shared else wg
-            if shared:
-                taken = (2 * i + wg) * info[0]
+        @pl.loop(0, (num_local - wg + 1) // 2)
+        def _tile(i):
+            j = 2 * i + wg
+            info = tile(j)
+            steps, first = info[0], j * info[0]
 
             def mainloop(acc_ref):
-                if order:  # this consumer's turn: the other has issued its mainloop
+                @pl.when((wg == 1) | (i > 0))
+                def _turn():
+                    plgpu.barrier_wait(turn.at[wg])
 
-                    @pl.when((wg == 1) | (i > 0))
-                    def _turn():
-                        plgpu.barrier_wait(turn.at[wg])
-
-                @pl.loop(0, info[0])
+                @pl.loop(0, steps)
                 def _steps(s):
-                    slot = (taken + s) % stages
-                    plgpu.barrier_wait(full.at[r, slot])
-                    mma(info, acc_ref, a_smem.at[r, slot], b_smem.at[r, slot])
+                    slot = (first + s) % stages
+                    plgpu.barrier_wait(full.at[slot])
+                    mma(info, acc_ref, a_smem.at[slot], b_smem.at[slot])
                     plgpu.wgmma_wait(wait)
                     if wait:  # the previous step's wgmma is done: release its slot
 
                         @pl.when(s > 0)
                         def _release():
-                            plgpu.barrier_arrive(consumed.at[r, (taken + s - 1) % stages])
+                            plgpu.barrier_arrive(consumed.at[(first + s - 1) % stages])
 
                     else:
-                        plgpu.barrier_arrive(consumed.at[r, slot])
+                        plgpu.barrier_arrive(consumed.at[slot])
 
-                if order:
-                    plgpu.barrier_arrive(turn.at[1 - wg])
+                plgpu.barrier_arrive(turn.at[1 - wg])  # every slot of this tile taken
                 if wait:
                     plgpu.wgmma_wait(0)
-
-                    @pl.when(info[0] > 0)
-                    def _release_last():
-                        plgpu.barrier_arrive(consumed.at[r, (taken + info[0] - 1) % stages])
-
+                    plgpu.barrier_arrive(consumed.at[(first + steps - 1) % stages])
                 return acc_ref[...]
 
             with jax.named_scope("mainloop"):
                 acc = pl.run_scoped(mainloop, plgpu.ACC(acc_shape))
             with jax.named_scope("epilogue"):
                 store(info, acc)
-            return taken + info[0]
-
-        lax.fori_loop(0, (num_local - wg + 1) // 2, per_tile, jnp.int32(0))
 
 
 def _store_pieces(out, dst, out_smem, epi: int, slots: int) -> None:
@@ -615,7 +567,6 @@ def _gmm_pingpong(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
     w_transforms = x_transforms if transpose_rhs else _swizzled(tn, itemsize)
     slots = min(2, (BLOCK_M // t.epi) * (tn // t.epi))
     minor = 1 if t.minor == "n" else 0
-    rings = 1 if t.ring == "shared" else 2
 
     def body(group_gmem, used_gmem, x_gmem, w_gmem, out_gmem):
         wg = lax.axis_index("wg")
@@ -638,13 +589,13 @@ def _gmm_pingpong(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
 
         @functools.partial(
             pl.run_scoped,
-            a_smem=plgpu.SMEM((rings, t.stages, BLOCK_M, tk), dtype, transforms=x_transforms),
-            b_smem=plgpu.SMEM((rings, t.stages, *w_shape), dtype, transforms=w_transforms),
+            a_smem=plgpu.SMEM((t.stages, BLOCK_M, tk), dtype, transforms=x_transforms),
+            b_smem=plgpu.SMEM((t.stages, *w_shape), dtype, transforms=w_transforms),
             out_smem=plgpu.SMEM(
                 (2, slots, t.epi, t.epi), dtype, transforms=_swizzled(t.epi, itemsize)
             ),
-            full=plgpu.Barrier(num_arrivals=2, num_barriers=(rings, t.stages)),
-            consumed=plgpu.Barrier(num_barriers=(rings, t.stages)),
+            full=plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
+            consumed=plgpu.Barrier(num_barriers=t.stages),
             turn=plgpu.Barrier(num_barriers=2),
             collective_axes="wg",
         )
@@ -657,8 +608,7 @@ def _gmm_pingpong(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
             _pingpong(
                 num_local=_local_tiles(used * n_iters), tile=tile, load=load, mma=mma,
                 store=store, stages=t.stages, a_smem=a_smem, b_smem=b_smem, full=full,
-                consumed=consumed, acc_shape=(BLOCK_M, tn), wait=t.wait,
-                turn=turn, order=t.order,
+                consumed=consumed, turn=turn, acc_shape=(BLOCK_M, tn), wait=t.wait,
             )  # fmt: skip
 
             # the blocks past the used ones get zeros (the contract of grouped_matmul.gmm),
@@ -702,22 +652,12 @@ class TTiles:
         tile_r * 2`` bytes, plus the epilogue's ``2 * 2 * 64 * 64 * itemsize``; with a
         float32 ``out_dtype`` 3 stages fit, with a 16-bit one 4).
       band: output tiles of one group are visited in bands of this many along N.
-      schedule: ``"cooperative"`` (the two consumer warpgroups share each ``128 x
-        2*tile_n`` tile) or ``"pingpong"`` (each takes whole ``128 x tile_n`` tiles,
-        alternately: :func:`_pingpong`; ``stages`` slots per consumer, N a multiple of
-        ``tile_n``).
-      wait: ``wgmma`` groups left in flight at the end of a step, 0 or 1 (the ping-pong
-        schedule only; the cooperative one waits for each).
-      order: the ping-pong consumers' mainloops strictly alternate (:func:`_pingpong`).
     """
 
     tile_n: int = 128
     tile_r: int = 64
     stages: int = 3
     band: int = 4
-    schedule: str = "cooperative"
-    wait: int = 0
-    order: bool = False
 
     def replace(self, **kw) -> TTiles:
         return dataclasses.replace(self, **kw)
@@ -772,33 +712,12 @@ def tgmm(
         raise ValueError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     if t.tile_r not in (64, 128):  # wgmma on a transposed 16-bit operand: 64-row steps
         raise ValueError(f"tiles.tile_r must be 64 or 128, got {t.tile_r}")
-    if t.schedule not in ("cooperative", "pingpong"):
-        raise ValueError(f"tiles.schedule must be 'cooperative' or 'pingpong', got {t.schedule!r}")
-    pingpong = t.schedule == "pingpong"
-    _check_wait(t)
-    if not pingpong and (t.wait or t.order):
-        raise ValueError(
-            f"tiles.wait={t.wait} and order={t.order} are for schedule='pingpong' only"
-        )
     k, n = x.shape[1], dy.shape[1]
     check_operands(
         x,
         dy,
-        [("K (x width)", k, "128", BLOCK_M),
-         ("N (dy width)", n, *(("tile_n", t.tile_n) if pingpong else ("2*tile_n", 2 * t.tile_n)))],
-    )  # fmt: skip
-    if pingpong:
-        itemsize, out_itemsize = jnp.dtype(x.dtype).itemsize, jnp.dtype(out_dtype).itemsize
-        smem = (
-            2 * t.stages * (BLOCK_M + t.tile_n) * t.tile_r * itemsize + 4 * 64 * 64 * out_itemsize
-        )
-        if smem > SMEM_BYTES:
-            raise ValueError(
-                f"tiles.schedule='pingpong' with tile_n={t.tile_n} tile_r={t.tile_r} "
-                f"stages={t.stages} and out_dtype={jnp.dtype(out_dtype).name} needs {smem} "
-                f"bytes of shared memory, over {SMEM_BYTES}"
-            )
-        return _tgmm_pingpong(x, dy, group_start, t, out_dtype)
+        [("K (x width)", k, "128", BLOCK_M), ("N (dy width)", n, "2*tile_n", 2 * t.tile_n)],
+    )
     num_groups = group_start.shape[0] - 1
     cta_n = 2 * t.tile_n
     k_tiles, n_tiles = k // BLOCK_M, n // cta_n
@@ -809,7 +728,6 @@ def tgmm(
     x_transforms = _swizzled(BLOCK_M, itemsize)
     dy_transforms = _swizzled(cta_n, itemsize)
     out_transforms = _swizzled(epi, jnp.dtype(out_dtype).itemsize)
-    pieces = (BLOCK_M // epi) * (t.tile_n // epi)
 
     def body(start_gmem, x_gmem, dy_gmem, out_gmem):
         wg = lax.axis_index("wg")
@@ -865,19 +783,8 @@ def tgmm(
                     @functools.partial(pl.run_scoped, acc=plgpu.ACC((BLOCK_M, t.tile_n)))
                     def _acc(acc):
                         run(acc)
-                        out = acc[...]
-                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
                         dst = out_gmem.at[g, kcols, ncols].at[:, wg_cols]
-                        for p in range(pieces):
-                            i, j = divmod(p, t.tile_n // epi)
-                            plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-                            piece = out[i * epi : (i + 1) * epi, j * epi : (j + 1) * epi]
-                            out_smem[wg, p % 2] = piece.astype(out_dtype)
-                            plgpu.commit_smem()
-                            plgpu.copy_smem_to_gmem(
-                                out_smem.at[wg, p % 2],
-                                dst.at[pl.ds(i * epi, epi), pl.ds(j * epi, epi)],
-                            )
+                        _store_pieces(acc[...].astype(out_dtype), dst, out_smem.at[wg], epi, 2)
 
                 def mma(_, x_smem, dy_smem, acc):
                     plgpu.wgmma(acc, plgpu.transpose_ref(x_smem, (1, 0)), dy_smem.at[:, wg_cols])
@@ -888,80 +795,6 @@ def tgmm(
                 pipeline(mma, context, first * steps_per_block, steps)(
                     x_gmem.at[:, kcols], dy_gmem.at[:, ncols], allocations=allocs
                 )
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-        grid=(_num_sms(),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
-    return kernel(group_start.astype(jnp.int32), x, dy)
-
-
-def _tgmm_pingpong(x, dy, group_start, t: TTiles, out_dtype):
-    """:func:`tgmm` with ``tiles.schedule == "pingpong"`` (see :func:`_pingpong`): each
-    consumer warpgroup computes whole ``128 x tile_n`` tiles of one group's ``[K, N]``."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    k, n = x.shape[1], dy.shape[1]
-    tn, tr, epi = t.tile_n, t.tile_r, 64
-    num_groups = group_start.shape[0] - 1
-    k_tiles, n_tiles = k // BLOCK_M, n // tn
-    steps_per_block = BLOCK_M // tr
-    itemsize = jnp.dtype(x.dtype).itemsize
-
-    def body(start_gmem, x_gmem, dy_gmem, out_gmem):
-        wg = lax.axis_index("wg")
-
-        def tile(j):
-            index = lax.axis_index("sm") + j * _num_sms()
-            g = index // (k_tiles * n_tiles)
-            ki, ni = plgpu.planar_snake(index % (k_tiles * n_tiles), (k_tiles, n_tiles), 1, t.band)
-            first = start_gmem[g]
-            return (start_gmem[g + 1] - first) * steps_per_block, g, ki, ni, first
-
-        def load(info, s, x_dst, dy_dst, barrier):
-            _, _, ki, ni, first = info
-            rows = pl.ds(first * BLOCK_M + s * tr, tr)
-            plgpu.copy_gmem_to_smem(x_gmem.at[rows, pl.ds(ki * BLOCK_M, BLOCK_M)], x_dst, barrier)
-            plgpu.copy_gmem_to_smem(dy_gmem.at[rows, pl.ds(ni * tn, tn)], dy_dst, barrier)
-
-        def mma(info, acc_ref, x_slot, dy_slot):
-            plgpu.wgmma(acc_ref, plgpu.transpose_ref(x_slot, (1, 0)), dy_slot)
-
-        @functools.partial(
-            pl.run_scoped,
-            a_smem=plgpu.SMEM(
-                (2, t.stages, tr, BLOCK_M), x.dtype, transforms=_swizzled(BLOCK_M, itemsize)
-            ),
-            b_smem=plgpu.SMEM((2, t.stages, tr, tn), x.dtype, transforms=_swizzled(tn, itemsize)),
-            out_smem=plgpu.SMEM(
-                (2, 2, epi, epi), out_dtype,
-                transforms=_swizzled(epi, jnp.dtype(out_dtype).itemsize),
-            ),
-            full=plgpu.Barrier(num_arrivals=2, num_barriers=(2, t.stages)),
-            consumed=plgpu.Barrier(num_barriers=(2, t.stages)),
-            turn=plgpu.Barrier(num_barriers=2),
-            collective_axes="wg",
-        )  # fmt: skip
-        def _scope(a_smem, b_smem, out_smem, full, consumed, turn):
-            def store(info, acc):
-                _, g, ki, ni, _ = info
-                dst = out_gmem.at[g, pl.ds(ki * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
-                _store_pieces(acc.astype(out_dtype), dst, out_smem.at[wg], epi, 2)
-
-            _pingpong(
-                num_local=_local_tiles(num_groups * k_tiles * n_tiles), tile=tile, load=load,
-                mma=mma, store=store, stages=t.stages, a_smem=a_smem, b_smem=b_smem,
-                full=full, consumed=consumed, acc_shape=(BLOCK_M, tn), wait=t.wait,
-                turn=turn, order=t.order,
-            )  # fmt: skip
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 

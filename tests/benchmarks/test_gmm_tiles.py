@@ -55,7 +55,8 @@ def test_where_keeps_matching_block_tilings_and_the_defaults():
     assert where == {"cluster": 2, "chain": False}
     kept = [c for impl, c in gmm_tiles._candidates("up", ["block"], where) if impl == "block"]
     assert bg.TILES in kept and bg.default_tiles(512) in kept
-    others = [c for c in kept if c not in (bg.TILES, bg.default_tiles(512))]
+    defaults = (bg.TILES, bg.default_tiles(512), bg.default_tiles(768))
+    others = [c for c in kept if c not in defaults]
     assert others and all(c.cluster == 2 for c in others)
     everything = gmm_tiles._candidates("up", ["block"])
     assert len(everything) > len(kept) + 1  # dense, and the tilings the filter dropped
@@ -63,16 +64,14 @@ def test_where_keeps_matching_block_tilings_and_the_defaults():
         gmm_tiles.parse_where("size=2")
 
 
-def test_where_selects_the_weight_gradient_tilings_by_their_own_fields():
+def test_where_keeps_the_weight_gradient_default_when_its_tiles_lack_the_field():
     from modjax.kernels import mgpu_block_gmm as bg
 
     where = gmm_tiles.parse_where("schedule=pingpong")
-    for kind, default in (("up", bg.TILES), ("tg_up", bg.T_TILES)):
-        kept = [c for impl, c in gmm_tiles._candidates(kind, ["block"], where) if impl == "block"]
-        assert default in kept
-        others = [c for c in kept if c.schedule != "pingpong"]
-        assert set(others) <= {bg.TILES, bg.default_tiles(512), bg.T_TILES}
-        assert len(kept) > len(others)  # the ping-pong tilings of either kernel
-    # a field the weight-gradient tiles lack keeps only their default
-    clusters = gmm_tiles._candidates("tg_up", ["block"], {"cluster": 2})
-    assert [c for impl, c in clusters if impl == "block"] == [bg.T_TILES]
+    kept = [c for impl, c in gmm_tiles._candidates("up", ["block"], where) if impl == "block"]
+    pingpong = [c for c in kept if c.schedule == "pingpong"]
+    assert bg.PINGPONG_TILES in pingpong and len(pingpong) > 1
+    assert set(kept) - set(pingpong) <= {bg.TILES, bg.default_tiles(768)}
+    # TTiles has no `schedule`: the weight gradient's sweep keeps its default only
+    tg = gmm_tiles._candidates("tg_up", ["block"], where)
+    assert [c for impl, c in tg if impl == "block"] == [bg.T_TILES]

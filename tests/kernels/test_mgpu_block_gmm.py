@@ -6,7 +6,6 @@ against the reference implementation in bf16 with random, skewed and empty group
 rows of unused blocks zeroed.
 """
 
-import functools
 import os
 
 import jax
@@ -27,20 +26,14 @@ def _case(kind="random", m=3000, k=512, n=768, g=8):
     return layout, jnp.take(x, src, axis=0, mode="fill", fill_value=0), w
 
 
-PINGPONG = bg.Tiles(schedule="pingpong", stages=3, minor="m", wait=1)
-PP_TTILES = bg.TTiles(schedule="pingpong", wait=1)
+#: a ping-pong tiling the CPU case (K = 256: 4 steps) takes: a ring of 2 slots
+PINGPONG = bg.PINGPONG_TILES.replace(stages=2)
 
 
 @pytest.mark.parametrize(
     "tiles",
-    [
-        None,
-        bg.TILES,
-        bg.TILES.replace(cluster=2),
-        PINGPONG,
-        PINGPONG.replace(ring="shared", order=True, stages=2),
-    ],
-    ids=["chained", "default", "cluster", "pingpong", "pingpong-shared"],
+    [None, bg.TILES, bg.TILES.replace(cluster=2), PINGPONG, PINGPONG.replace(wait=0)],
+    ids=["chained", "default", "cluster", "pingpong", "pingpong-wait0"],
 )
 @pytest.mark.parametrize("transpose", [False, True])
 def test_block_gmm_lowers_for_cuda(monkeypatch, transpose, tiles):
@@ -57,7 +50,7 @@ def test_block_gmm_lowers_for_cuda(monkeypatch, transpose, tiles):
 
 
 def test_short_contractions_take_pingpong_or_chained_pipelines(monkeypatch):
-    # short contractions: ping-pong where its shared ring fits (K/64 a multiple of 8)...
+    # short contractions: ping-pong where its ring allows (K/64 a multiple of 2*4 slots)...
     assert bg.default_tiles(512) == bg.default_tiles(1024) == bg.PINGPONG_TILES
     assert bg.default_tiles(768).chain  # 12 steps: chained cooperative pipelines (K=256 too)
     assert bg.default_tiles(2048) == bg.TILES and not bg.TILES.chain
@@ -91,32 +84,34 @@ def test_block_gmm_errors_name_the_problem():
         bg.gmm(xp, w, g, u, tiles=bg.Tiles(chain=True, stages=3))
     with pytest.raises(ValueError, match="tiles.minor must be 'n' or 'm', got 'k'"):
         bg.gmm(xp, w, g, u, tiles=bg.Tiles(minor="k"))
+
+
+def test_pingpong_errors_name_the_problem():
+    layout, xp, w = _case(m=700, k=256, n=512)
+    g, u = layout.block_group, layout.group_start[-1]
     with pytest.raises(ValueError, match="tiles.schedule must be 'cooperative' or 'pingpong', "
                                          "got 'pong'"):  # fmt: skip
         bg.gmm(xp, w, g, u, tiles=bg.Tiles(schedule="pong"))
-    with pytest.raises(ValueError, match="schedule='pingpong' needs cluster=1, got 2"):
+    with pytest.raises(ValueError, match="'pingpong' needs cluster=1 and wait 0 or 1, got "
+                                         "cluster=2 wait=1"):  # fmt: skip
         bg.gmm(xp, w, g, u, tiles=PINGPONG.replace(cluster=2))
+    with pytest.raises(ValueError, match="got cluster=1 wait=2"):
+        bg.gmm(xp, w, g, u, tiles=PINGPONG.replace(wait=2))
     with pytest.raises(ValueError, match=r"N \(output width\)=320 must be a multiple of the tile "
                                          r"tile_n=128"):  # fmt: skip
         bg.gmm(xp, w[:, :, :320], g, u, tiles=PINGPONG)
-    with pytest.raises(ValueError, match="stages=4 needs 294912 bytes of shared memory, over"):
-        bg.gmm(xp, w, g, u, tiles=PINGPONG.replace(stages=4))
-    with pytest.raises(ValueError, match="tiles.wait must be 0 or 1 .1 with stages >= 2., got "
-                                         "wait=1 stages=1"):  # fmt: skip
-        bg.gmm(xp, w, g, u, tiles=PINGPONG.replace(stages=1))
-    with pytest.raises(ValueError, match="tiles.order=True and ring='split' are for schedule="):
-        bg.gmm(xp, w, g, u, tiles=bg.TILES.replace(order=True))
-    with pytest.raises(ValueError, match="tiles.ring must be 'split' or 'shared', got 'both'"):
-        bg.gmm(xp, w, g, u, tiles=PINGPONG.replace(ring="both"))
-    with pytest.raises(ValueError, match="ring='shared' needs order=True and K/tile_k = 4 a "):
-        bg.gmm(xp, w, g, u, tiles=PINGPONG.replace(ring="shared", order=True, stages=3))
-    with pytest.raises(ValueError, match=r"multiple of 2\*stages = 4 \(got order=False\)"):
-        bg.gmm(xp, w, g, u, tiles=PINGPONG.replace(ring="shared", stages=2))
+    with pytest.raises(ValueError, match=r"'pingpong' needs K/tile_k = 4 a multiple of "
+                                         r"2\*stages = 8"):  # fmt: skip
+        bg.gmm(xp, w, g, u, tiles=bg.PINGPONG_TILES)
+    wide = PINGPONG.replace(stages=4, tile_k=128)
+    with pytest.raises(ValueError, match="tile_k=128 stages=4 needs 294912 bytes of shared "):
+        bg.gmm(jnp.concatenate([xp] * 8, axis=1), jnp.concatenate([w] * 8, axis=1), g, u,
+               tiles=wide)  # fmt: skip
     with pytest.raises(ValueError, match="profile_dir is for the cooperative schedule only"):
         bg.gmm(xp, w, g, u, tiles=PINGPONG, profile_dir="/tmp/x")
     # N = 384 is whole ping-pong tiles (128) though not whole cooperative ones (256)
     assert bg.fits(256, 384, PINGPONG) and not bg.fits(256, 384)
-    assert bg.pingpong_smem(PINGPONG, jnp.bfloat16) <= bg.SMEM_BYTES
+    assert bg.pingpong_smem(bg.PINGPONG_TILES, jnp.bfloat16) <= bg.SMEM_BYTES
 
 
 @pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
@@ -129,23 +124,11 @@ def test_block_gmm_errors_name_the_problem():
         bg.Tiles(tile_n=64, stages=3, minor="n", band=4),
         bg.TILES.replace(wait=1, epi=128, stages=3),
         bg.TILES.replace(chain=True),
-        PINGPONG,
-        PINGPONG.replace(minor="n", stages=2, band=4, wait=0),
-        bg.Tiles(schedule="pingpong", tile_n=64, stages=4),
-        PINGPONG.replace(order=True),
-        PINGPONG.replace(ring="shared", order=True, stages=4),
+        bg.PINGPONG_TILES,
+        bg.PINGPONG_TILES.replace(wait=0, minor="n", band=4),
+        bg.PINGPONG_TILES.replace(tile_n=64, stages=2),
     ],
-    ids=[
-        "default",
-        "n64",
-        "wait1",
-        "chain",
-        "pingpong",
-        "pingpong-n2",
-        "pingpong-n64",
-        "pingpong-order",
-        "pingpong-shared",
-    ],
+    ids=["default", "n64", "wait1", "chain", "pingpong", "pingpong-wait0", "pingpong-n64"],
 )
 def test_block_gmm_matches_reference_on_gpu(kind, transpose, tiles):
     layout, out = _matches_reference(_case(kind), transpose, tiles)
@@ -187,16 +170,10 @@ def test_block_gmm_chained_pipelines_on_gpu(transpose, m):
 @pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("m,n", [(20000, 384), (3000, 640), (300, 128)])
-@pytest.mark.parametrize(
-    "kw",
-    [{}, dict(order=True), dict(ring="shared", order=True, stages=4)],
-    ids=["split", "order", "shared"],
-)
-def test_block_gmm_pingpong_tile_counts_on_gpu(transpose, m, n, kw):
+def test_block_gmm_pingpong_tile_counts_on_gpu(transpose, m, n):
     """Many tiles per SM, an odd number of column tiles, fewer tiles than SMs (one
-    consumer idle): each consumer's ring (and turn) stays in phase with the others."""
-    tiles = PINGPONG.replace(**kw)
-    layout, out = _matches_reference(_case("skewed", m=m, n=n), transpose, tiles)
+    consumer idle): the consumers' turns and ring phases stay in step."""
+    layout, out = _matches_reference(_case("skewed", m=m, n=n), transpose, bg.PINGPONG_TILES)
     assert (out[int(layout.group_start[-1]) * 128 :] == 0).all()
 
 
@@ -227,32 +204,11 @@ def test_block_tgmm_lowers_for_cuda_and_names_bad_input(monkeypatch):
         lambda x, dy: bg.tgmm(x, dy, layout.group_start, tiles=wide, out_dtype=jnp.bfloat16)
     )
     assert "mosaic_gpu" in other.trace(xp, dy).lower(lowering_platforms=("cuda",)).as_text()
-    for tiles, out_dtype in ((PP_TTILES, jnp.bfloat16), (PP_TTILES.replace(stages=2), jnp.float32)):
-        pp = jax.jit(functools.partial(bg.tgmm, group_start=layout.group_start, tiles=tiles,
-                                       out_dtype=out_dtype))  # fmt: skip
-        text = pp.trace(xp, dy).lower(lowering_platforms=("cuda",)).as_text()
-        assert text.count("custom_call @mosaic_gpu") == 1
-    with pytest.raises(ValueError, match="tiles.schedule must be 'cooperative' or 'pingpong'"):
-        bg.tgmm(xp, dy, layout.group_start, tiles=bg.TTiles(schedule="x"))
-    with pytest.raises(ValueError, match="stages=3 and out_dtype=float32 needs 262144 bytes"):
-        bg.tgmm(xp, dy, layout.group_start, tiles=PP_TTILES)  # 3 stages fit a 16-bit out only
-    assert bg.tgmm_fits(256, 384, PP_TTILES) and not bg.tgmm_fits(256, 384)
-    with pytest.raises(ValueError, match="tiles.wait=1 and order=False are for schedule="):
-        bg.tgmm(xp, dy, layout.group_start, tiles=bg.TTiles(wait=1))
 
 
 @pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
-@pytest.mark.parametrize(
-    "tiles",
-    [
-        bg.T_TILES,
-        bg.TTiles(tile_n=64, tile_r=128, stages=2, band=2),
-        PP_TTILES.replace(stages=2, wait=0),
-        PP_TTILES.replace(stages=2, order=True),
-    ],
-    ids=["default", "n64r128", "pingpong2-wait0", "pingpong2-order"],
-)
+@pytest.mark.parametrize("tiles", [bg.T_TILES, bg.TTiles(tile_n=64, tile_r=128, stages=2, band=2)])
 @pytest.mark.parametrize("out_dtype", [jnp.float32, jnp.bfloat16])
 def test_block_tgmm_matches_reference_on_gpu(kind, tiles, out_dtype):
     layout, xp, _ = _case(kind)
@@ -267,19 +223,3 @@ def test_block_tgmm_matches_reference_on_gpu(kind, tiles, out_dtype):
     np.testing.assert_allclose(a, b, atol=5e-2, rtol=2e-2)
     empty = np.asarray(layout.group_start[1:] == layout.group_start[:-1])
     assert (a[empty] == 0).all()  # an empty group's gradient is written as zeros
-
-
-@pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
-@pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
-def test_block_tgmm_pingpong_bf16_out_on_gpu(kind):
-    """The ping-pong weight gradient with 3 stages a consumer (a 16-bit out only)."""
-    layout, xp, _ = _case(kind, n=384)
-    dy = jax.random.normal(jax.random.PRNGKey(4), (xp.shape[0], 384), jnp.float32)
-    live = jnp.arange(xp.shape[0])[:, None] < layout.group_start[-1] * 128
-    dy = jnp.where(live, dy, 0).astype(xp.dtype)
-    got = np.float32(bg.tgmm(xp, dy, layout.group_start, tiles=PP_TTILES, out_dtype=jnp.bfloat16))
-    want = np.float32(gm.tgmm(xp, dy, layout, block_size=128, impl="reference"))
-    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-2
-    np.testing.assert_allclose(got, want, atol=5e-2, rtol=2e-2)
-    empty = np.asarray(layout.group_start[1:] == layout.group_start[:-1])
-    assert (got[empty] == 0).all()
