@@ -15,6 +15,11 @@ masked stores. Its shape:
 * the epilogue rounds to the operand dtype and stores through shared memory with TMA in
   ``epi x epi`` pieces, double-buffered.
 
+That is the cooperative schedule. Short contractions (``K <= 1024``, :func:`default_tiles`)
+take a ping-pong one instead (``Tiles(schedule="pingpong")``, :func:`_pingpong`): each
+consumer warpgroup computes whole ``128 x tile_n`` tiles, in strict turns over one
+shared ring of operand slots, so one's epilogue runs beside the other's mainloop.
+
 Rows of unused blocks (past ``num_used``) are zero (the contract of
 :func:`modjax.kernels.grouped_matmul.gmm`): after their tiles, the consumer warpgroups store
 zero tiles over them, so no pass over the whole output is needed afterwards.
