@@ -37,7 +37,9 @@
 #     longer covers them all)
 #   SWEEP=ab METHODS=dropless,dropless+count bash benchmarks/h200_sweep.sh   # an A/B of
 #     layer variants (moe_layer.py's VARIANTS) interleaved in one process at the three
-#     shapes (moe_interleaved.py, ~4 min; sequential timings drift by a few percent)
+#     shapes (moe_interleaved.py, ~4 min; sequential timings drift by a few percent);
+#     METHODS=dropless,dropless+coop times the ping-pong default of short contractions
+#     against the chained cooperative pipelines it replaced
 #   SWEEP=cluster bash benchmarks/h200_sweep.sh   # the block gmm in 2-CTA clusters (x tiles
 #     multicast; ~7 min): its GPU tests, its sweep against the default tilings, and the
 #     layer with it (dropless+cluster) beside the default and the dense FFN

@@ -15,8 +15,8 @@ masked stores. Its shape:
 * the epilogue rounds to the operand dtype and stores through shared memory with TMA in
   ``epi x epi`` pieces, double-buffered.
 
-That is the cooperative schedule. Short contractions (``K <= 1024``, :func:`default_tiles`)
-take a ping-pong one instead (``Tiles(schedule="pingpong")``, :func:`_pingpong`): each
+That is the cooperative schedule. Short contractions (``K <= 1024`` and ``K / 64`` a
+multiple of 8, :func:`default_tiles`) take a ping-pong one instead (``Tiles(schedule="pingpong")``, :func:`_pingpong`): each
 consumer warpgroup computes whole ``128 x tile_n`` tiles, in strict turns over one
 shared ring of operand slots, so one's epilogue runs beside the other's mainloop.
 
@@ -138,8 +138,9 @@ def default_tiles(k: int) -> Tiles:
     mainloop) where ``K / 64`` is a multiple of 8 (its shared ring's condition), else
     :data:`TILES` with chained pipelines (bands along N). Wider: :data:`TILES`.
 
-    On the H200 chaining gained 8% at K = 512, 1-2% at 1024 and lost 1% at 2048; the
-    ping-pong schedule then gained 2-8% over chaining at K = 512 and matched it at 1024
+    On the H200 chaining gained 8% at K = 512, 1-2% at 1024 and lost 1% at 2048. Over
+    chaining, the ping-pong kernel then gained 3-13% at K = 512 and lost ~1% at 1024; the
+    layer's fwd+bwd gained 1.6-3% at the small shape and 0-2% at OLMoE's
     (``benchmarks/RESULTS.md``).
     """
     pp = PINGPONG_TILES
