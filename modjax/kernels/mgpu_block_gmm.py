@@ -16,9 +16,10 @@ masked stores. Its shape:
   ``epi x epi`` pieces, double-buffered.
 
 That is the cooperative schedule. Short contractions (``K <= 1024`` and ``K / 64`` a
-multiple of 8, :func:`default_tiles`) take a ping-pong one instead (``Tiles(schedule="pingpong")``, :func:`_pingpong`): each
-consumer warpgroup computes whole ``128 x tile_n`` tiles, in strict turns over one
-shared ring of operand slots, so one's epilogue runs beside the other's mainloop.
+multiple of 8, :func:`default_tiles`) take a ping-pong one instead
+(``Tiles(schedule="pingpong")``, :func:`_pingpong`): each consumer warpgroup computes
+whole ``128 x tile_n`` tiles, in strict turns over one shared ring of operand slots, so
+one's epilogue runs beside the other's mainloop.
 
 Rows of unused blocks (past ``num_used``) are zero (the contract of
 :func:`modjax.kernels.grouped_matmul.gmm`): after their tiles, the consumer warpgroups store
