@@ -110,3 +110,15 @@ def test_layout_variants_trace_their_layout_and_compute_the_same_layer(variant):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert jnp.searchsorted is moe_layer._SEARCHSORTED  # restored after tracing
     assert moe_layer.gm.LAYOUT_RANKS == "sort"
+
+
+def test_schedule_variants_pick_the_block_gmm_tiles_and_restore_them():
+    from modjax.kernels import mgpu_block_gmm as bg
+
+    assert bg.default_tiles(1024) == bg.PINGPONG_TILES  # the default for short contractions
+    with moe_layer.VARIANTS["coop"]():
+        assert bg.default_tiles(1024).chain  # chained cooperative pipelines, as before
+    with moe_layer.VARIANTS["pingpong"]():
+        assert bg.default_tiles(2048) == bg.PINGPONG_TILES  # ping-pong at every K...
+        assert bg.default_tiles(640) == bg.TILES  # ...its ring allows (10 steps: it does not)
+    assert bg.default_tiles(2048) == bg.TILES and bg.SHORT_K_SCHEDULE == "pingpong"
