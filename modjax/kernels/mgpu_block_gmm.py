@@ -17,9 +17,9 @@ masked stores. Its shape:
 
 That is the cooperative schedule. Short contractions (``K <= 1024`` and ``K / 64`` a
 multiple of 8, :func:`default_tiles`) take a ping-pong one instead
-(``Tiles(schedule="pingpong")``, :func:`_pingpong`): each consumer warpgroup computes
-whole ``128 x tile_n`` tiles, in strict turns over one shared ring of operand slots, so
-one's epilogue runs beside the other's mainloop.
+(``Tiles(schedule="pingpong")``, :mod:`modjax.kernels.mgpu_pingpong`): each consumer
+warpgroup computes whole ``128 x tile_n`` tiles, in strict turns over one shared ring of
+operand slots, so one's epilogue runs beside the other's mainloop.
 
 Rows of unused blocks (past ``num_used``) are zero (the contract of
 :func:`modjax.kernels.grouped_matmul.gmm`): after their tiles, the consumer warpgroups store
@@ -93,10 +93,10 @@ class Tiles:
         does not limit this kernel (``benchmarks/RESULTS.md``).
       schedule: ``"cooperative"``: the two consumer warpgroups share each ``128 x
         2*tile_n`` tile; or ``"pingpong"``: each takes whole ``128 x tile_n`` tiles in
-        turn, so one's epilogue overlaps the other's mainloop (:func:`_pingpong`: one
-        ring of ``stages`` slots, ``K / tile_k`` a multiple of ``2 * stages``; ``wait``
-        0 or 1, ``chain`` does not apply, ``cluster`` must be 1; N a multiple of
-        ``tile_n``).
+        turn, so one's epilogue overlaps the other's mainloop
+        (:func:`modjax.kernels.mgpu_pingpong.pingpong`: one ring of ``stages`` slots,
+        ``K / tile_k`` a multiple of ``2 * stages``; ``wait`` 0 or 1, ``chain`` does not
+        apply, ``cluster`` must be 1; N a multiple of ``tile_n``).
 
     On the H200 neither ``wait=1`` nor the one-piece epilogue moved the short
     contractions (K=512-1024) by more than the noise, in either direction; chaining
@@ -179,7 +179,7 @@ def pingpong_smem(t: Tiles, dtype) -> int:
     return ring + 2 * slots * t.epi**2 * itemsize
 
 
-def _swizzled(minor_elems: int, itemsize: int) -> tuple:
+def swizzled(minor_elems: int, itemsize: int) -> tuple:
     """Shared-memory transforms of a tile whose minor dimension is ``minor_elems`` wide:
     8-row tiles, swizzled by the widest swizzle that row fits (what TMA and ``wgmma``
     take)."""
@@ -189,7 +189,7 @@ def _swizzled(minor_elems: int, itemsize: int) -> tuple:
     return plgpu.TilingTransform((8, swizzle // itemsize)), plgpu.SwizzleTransform(swizzle)
 
 
-def _num_sms() -> int:
+def num_sms() -> int:
     return int(jax.devices()[0].core_count)
 
 
@@ -291,7 +291,9 @@ def gmm(
     if t.schedule == "pingpong":
         if profile_dir:
             raise ValueError("profile_dir is for the cooperative schedule only")
-        return _gmm_pingpong(x, w, block_group, num_used, transpose_rhs, t)
+        from modjax.kernels import mgpu_pingpong
+
+        return mgpu_pingpong.gmm(x, w, block_group, num_used, transpose_rhs, t)
     m, k = x.shape
     n = w.shape[1] if transpose_rhs else w.shape[2]
     dtype = x.dtype
@@ -302,9 +304,9 @@ def gmm(
     num_blocks = m // BLOCK_M
     itemsize = jnp.dtype(dtype).itemsize
 
-    in_transforms = _swizzled(t.tile_k, itemsize)
-    w_transforms = in_transforms if transpose_rhs else _swizzled(cta_n, itemsize)
-    out_transforms = _swizzled(t.epi, itemsize)
+    in_transforms = swizzled(t.tile_k, itemsize)
+    w_transforms = in_transforms if transpose_rhs else swizzled(cta_n, itemsize)
+    out_transforms = swizzled(t.epi, itemsize)
     spec = functools.partial(plgpu.BlockSpec, memory_space=plgpu.SMEM, delay_release=t.wait)
     x_spec = spec((BLOCK_M, t.tile_k), lambda kk: (0, kk), transforms=in_transforms,
                   collective_axes=("cluster",) if clustered else ())  # fmt: skip
@@ -352,7 +354,7 @@ def gmm(
             def store(out, rows, cols):
                 """This warpgroup's half of a ``128 x cta_n`` output tile."""
                 dst = out_gmem.at[rows, cols].at[:, wg_cols]
-                _store_pieces(out, dst, out_smem.at[wg], t.epi, slots)
+                store_pieces(out, dst, out_smem.at[wg], t.epi, slots)
 
             @plgpu.nd_loop((used * n_iters,), collective_axes="sm")
             def _tiles(info):
@@ -419,7 +421,7 @@ def gmm(
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m, n), dtype),
-        grid=(_num_sms() // t.cluster,),
+        grid=(num_sms() // t.cluster,),
         grid_names=("sm",),
         **(dict(cluster=(t.cluster,), cluster_names=("cluster",)) if clustered else {}),
         num_threads=3,
@@ -433,106 +435,7 @@ def gmm(
     return kernel(block_group.astype(jnp.int32), used, x, w)
 
 
-def _pingpong(*, num_local, tile, load, mma, store, stages, a_smem, b_smem, full, consumed,
-              turn, acc_shape, wait):  # fmt: skip
-    """A ping-pong schedule over this program's ``num_local`` output tiles, inside a
-    3-warpgroup kernel: warpgroup 2 streams every tile's operands with TMA into one ring
-    of ``stages`` slots; consumer warpgroups 0 and 1 take alternate tiles (``j % 2``), each
-    a whole tile with its own float32 accumulator, so one's epilogue runs while the
-    other's ``wgmma`` mainloop does.
-
-    The consumers take the ring's slots in tile order, in strict turns: each waits on
-    ``turn[wg]`` before its tile's first step and arrives on the other's once it has
-    taken its last. A barrier wait knows only its phase's parity (Mosaic GPU tracks it
-    per thread, toggled at each wait), so a consumer's waits stay right only when
-
-    * every tile passes over the ring an even number of times (a static step count, a
-      multiple of ``2 * stages``): the other consumer's tile then leaves each slot's
-      parity as it found it;
-    * a consumer starts waiting on a tile's slots only once the other has taken every
-      slot of the tile before: without the turns, the second consumer's first wait
-      matched the first consumer's fill of the same parity (on the H200, a launch
-      failure).
-
-    Args:
-      num_local: this program's tile count (traced int32).
-      tile: ``j -> info``, a tuple whose first entry is the tile's (static) step count.
-      load: ``(info, step, a_dst, b_dst, barrier)`` issues the step's two TMA copies.
-      mma: ``(info, acc_ref, a_slot, b_slot)`` issues the step's ``wgmma``.
-      store: ``(info, acc)`` the epilogue of a finished tile (float32 ``acc``).
-      stages: the ring's slots (``a_smem``, ``b_smem``: ``[stages, ...]``; barriers
-        ``full`` and ``consumed``: ``[stages]``; ``turn``: ``[2]``).
-      wait: ``wgmma`` groups a consumer leaves in flight after issuing a step's (0 or 1:
-        with 1 the tensor cores have the next step queued while the previous one's slot
-        is released; a lone consumer's mainloop has no other to fill that gap).
-    """
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    wg = lax.axis_index("wg")
-
-    @pl.when(wg == 2)
-    def _producer():
-        plgpu.set_max_registers(40, action="decrease")
-
-        @pl.loop(0, num_local)
-        def _tile(j):
-            info = tile(j)
-
-            @pl.loop(0, info[0])
-            def _steps(s):
-                g = j * info[0] + s
-                slot = g % stages
-
-                @pl.when(g >= stages)
-                def _reuse():
-                    plgpu.barrier_wait(consumed.at[slot])
-
-                load(info, s, a_smem.at[slot], b_smem.at[slot], full.at[slot])
-
-    @pl.when(wg < 2)
-    def _consumer():
-        plgpu.set_max_registers(232, action="increase")
-
-        @pl.loop(0, (num_local - wg + 1) // 2)
-        def _tile(i):
-            j = 2 * i + wg
-            info = tile(j)
-            steps, first = info[0], j * info[0]
-
-            def mainloop(acc_ref):
-                @pl.when((wg == 1) | (i > 0))
-                def _turn():
-                    plgpu.barrier_wait(turn.at[wg])
-
-                @pl.loop(0, steps)
-                def _steps(s):
-                    slot = (first + s) % stages
-                    plgpu.barrier_wait(full.at[slot])
-                    mma(info, acc_ref, a_smem.at[slot], b_smem.at[slot])
-                    plgpu.wgmma_wait(wait)
-                    if wait:  # the previous step's wgmma is done: release its slot
-
-                        @pl.when(s > 0)
-                        def _release():
-                            plgpu.barrier_arrive(consumed.at[(first + s - 1) % stages])
-
-                    else:
-                        plgpu.barrier_arrive(consumed.at[slot])
-
-                plgpu.barrier_arrive(turn.at[1 - wg])  # every slot of this tile taken
-                if wait:
-                    plgpu.wgmma_wait(0)
-                    plgpu.barrier_arrive(consumed.at[(first + steps - 1) % stages])
-                return acc_ref[...]
-
-            with jax.named_scope("mainloop"):
-                acc = pl.run_scoped(mainloop, plgpu.ACC(acc_shape))
-            with jax.named_scope("epilogue"):
-                store(info, acc)
-
-
-def _store_pieces(out, dst, out_smem, epi: int, slots: int) -> None:
+def store_pieces(out, dst, out_smem, epi: int, slots: int) -> None:
     """A warpgroup's finished tile ``out`` (a value, already in the output dtype) to the
     global ref ``dst`` of its shape, through its shared-memory buffers ``out_smem[slot]``
     with TMA in ``epi x epi`` pieces."""
@@ -548,102 +451,6 @@ def _store_pieces(out, dst, out_smem, epi: int, slots: int) -> None:
         out_smem[slot] = out[i * epi : (i + 1) * epi, j * epi : (j + 1) * epi]
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(out_smem.at[slot], dst.at[pl.ds(i * epi, epi), pl.ds(j * epi, epi)])
-
-
-def _local_tiles(total):
-    """This program's share of ``total`` tiles taken round-robin over the SMs."""
-    sms = _num_sms()
-    return (jnp.maximum(total - lax.axis_index("sm"), 0) + sms - 1) // sms
-
-
-def _gmm_pingpong(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
-    """:func:`gmm` with ``tiles.schedule == "pingpong"`` (see :func:`_pingpong`): each
-    consumer warpgroup computes whole ``128 x tile_n`` tiles."""
-    import jax.experimental.pallas as pl
-    import jax.experimental.pallas.mosaic_gpu as plgpu
-
-    m, k = x.shape
-    n = w.shape[1] if transpose_rhs else w.shape[2]
-    dtype = x.dtype
-    tn, tk = t.tile_n, t.tile_k
-    n_iters, k_iters = n // tn, k // tk
-    num_blocks = m // BLOCK_M
-    itemsize = jnp.dtype(dtype).itemsize
-    x_transforms = _swizzled(tk, itemsize)
-    w_shape = (tn, tk) if transpose_rhs else (tk, tn)
-    w_transforms = x_transforms if transpose_rhs else _swizzled(tn, itemsize)
-    slots = min(2, (BLOCK_M // t.epi) * (tn // t.epi))
-    minor = 1 if t.minor == "n" else 0
-
-    def body(group_gmem, used_gmem, x_gmem, w_gmem, out_gmem):
-        wg = lax.axis_index("wg")
-        used = used_gmem[0]
-
-        def tile(j):
-            index = lax.axis_index("sm") + j * _num_sms()
-            mi, ni = plgpu.planar_snake(index, (used, n_iters), minor, t.band)
-            return k_iters, mi, ni, group_gmem[mi]
-
-        def load(info, s, x_dst, w_dst, barrier):
-            _, mi, ni, g = info
-            rows, cols, ks = pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn), pl.ds(s * tk, tk)
-            plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_dst, barrier)
-            w_src = w_gmem.at[g, cols, ks] if transpose_rhs else w_gmem.at[g, ks, cols]
-            plgpu.copy_gmem_to_smem(w_src, w_dst, barrier)
-
-        def mma(info, acc_ref, x_slot, w_slot):
-            plgpu.wgmma(acc_ref, x_slot, w_slot.transpose((1, 0)) if transpose_rhs else w_slot)
-
-        @functools.partial(
-            pl.run_scoped,
-            a_smem=plgpu.SMEM((t.stages, BLOCK_M, tk), dtype, transforms=x_transforms),
-            b_smem=plgpu.SMEM((t.stages, *w_shape), dtype, transforms=w_transforms),
-            out_smem=plgpu.SMEM(
-                (2, slots, t.epi, t.epi), dtype, transforms=_swizzled(t.epi, itemsize)
-            ),
-            full=plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
-            consumed=plgpu.Barrier(num_barriers=t.stages),
-            turn=plgpu.Barrier(num_barriers=2),
-            collective_axes="wg",
-        )
-        def _scope(a_smem, b_smem, out_smem, full, consumed, turn):
-            def store(info, acc):
-                _, mi, ni, _ = info
-                dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
-                _store_pieces(acc.astype(dtype), dst, out_smem.at[wg], t.epi, slots)
-
-            _pingpong(
-                num_local=_local_tiles(used * n_iters), tile=tile, load=load, mma=mma,
-                store=store, stages=t.stages, a_smem=a_smem, b_smem=b_smem, full=full,
-                consumed=consumed, turn=turn, acc_shape=(BLOCK_M, tn), wait=t.wait,
-            )  # fmt: skip
-
-            # the blocks past the used ones get zeros (the contract of grouped_matmul.gmm),
-            # each consumer warpgroup every other one of this program's spare tiles
-            @pl.when(wg < 2)
-            def _zero_spare_blocks():
-                zeros = jnp.zeros((BLOCK_M, tn), dtype)
-
-                @pl.loop(wg, _local_tiles((num_blocks - used) * n_iters), step=2)
-                def _spare(j):
-                    index = lax.axis_index("sm") + j * _num_sms()
-                    mi, ni = used + index // n_iters, index % n_iters
-                    dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
-                    _store_pieces(zeros, dst, out_smem.at[wg], t.epi, slots)
-
-        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-
-    kernel = plgpu.kernel(
-        body,
-        out_type=jax.ShapeDtypeStruct((m, n), dtype),
-        grid=(_num_sms(),),
-        grid_names=("sm",),
-        num_threads=3,
-        thread_name="wg",
-        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
-    )
-    used = jnp.reshape(num_used, (1,)).astype(jnp.int32)
-    return kernel(block_group.astype(jnp.int32), used, x, w)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -732,9 +539,9 @@ def tgmm(
     itemsize = jnp.dtype(x.dtype).itemsize
     epi = 64
 
-    x_transforms = _swizzled(BLOCK_M, itemsize)
-    dy_transforms = _swizzled(cta_n, itemsize)
-    out_transforms = _swizzled(epi, jnp.dtype(out_dtype).itemsize)
+    x_transforms = swizzled(BLOCK_M, itemsize)
+    dy_transforms = swizzled(cta_n, itemsize)
+    out_transforms = swizzled(epi, jnp.dtype(out_dtype).itemsize)
 
     def body(start_gmem, x_gmem, dy_gmem, out_gmem):
         wg = lax.axis_index("wg")
@@ -791,7 +598,7 @@ def tgmm(
                     def _acc(acc):
                         run(acc)
                         dst = out_gmem.at[g, kcols, ncols].at[:, wg_cols]
-                        _store_pieces(acc[...].astype(out_dtype), dst, out_smem.at[wg], epi, 2)
+                        store_pieces(acc[...].astype(out_dtype), dst, out_smem.at[wg], epi, 2)
 
                 def mma(_, x_smem, dy_smem, acc):
                     plgpu.wgmma(acc, plgpu.transpose_ref(x_smem, (1, 0)), dy_smem.at[:, wg_cols])
@@ -808,7 +615,7 @@ def tgmm(
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((num_groups, k, n), out_dtype),
-        grid=(_num_sms(),),
+        grid=(num_sms(),),
         grid_names=("sm",),
         num_threads=3,
         thread_name="wg",
@@ -834,7 +641,10 @@ __all__ = [
     "default_tiles",
     "fits",
     "gmm",
+    "num_sms",
     "pingpong_smem",
+    "store_pieces",
+    "swizzled",
     "tgmm",
     "tgmm_fits",
 ]

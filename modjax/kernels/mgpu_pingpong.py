@@ -1,0 +1,218 @@
+"""The ping-pong schedule of modjax's Hopper block gmm (Mosaic GPU).
+
+:func:`modjax.kernels.mgpu_block_gmm.gmm` takes it for ``Tiles(schedule="pingpong")``
+(by default for short contractions, :func:`~modjax.kernels.mgpu_block_gmm.default_tiles`):
+the two consumer warpgroups compute whole ``128 x tile_n`` tiles in strict turns over one
+shared ring of operand slots, so one's epilogue runs beside the other's mainloop
+(:func:`pingpong`). Its checks, tiles and epilogue are ``mgpu_block_gmm``'s; the reference
+twin and tests are that module's (``tests/kernels/test_mgpu_block_gmm.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from modjax.kernels.mgpu_block_gmm import BLOCK_M, Tiles, num_sms, store_pieces, swizzled
+
+
+def pingpong(*, num_local, tile, load, mma, store, stages, a_smem, b_smem, full, consumed,
+              turn, acc_shape, wait):  # fmt: skip
+    """A ping-pong schedule over this program's ``num_local`` output tiles, inside a
+    3-warpgroup kernel: warpgroup 2 streams every tile's operands with TMA into one ring
+    of ``stages`` slots; consumer warpgroups 0 and 1 take alternate tiles (``j % 2``), each
+    a whole tile with its own float32 accumulator, so one's epilogue runs while the
+    other's ``wgmma`` mainloop does.
+
+    The consumers take the ring's slots in tile order, in strict turns: each waits on
+    ``turn[wg]`` before its tile's first step and arrives on the other's once it has
+    taken its last. A barrier wait knows only its phase's parity (Mosaic GPU tracks it
+    per thread, toggled at each wait), so a consumer's waits stay right only when
+
+    * every tile passes over the ring an even number of times (a static step count, a
+      multiple of ``2 * stages``): the other consumer's tile then leaves each slot's
+      parity as it found it;
+    * a consumer starts waiting on a tile's slots only once the other has taken every
+      slot of the tile before: without the turns, the second consumer's first wait
+      matched the first consumer's fill of the same parity (on the H200, a launch
+      failure).
+
+    Args:
+      num_local: this program's tile count (traced int32).
+      tile: ``j -> info``, a tuple whose first entry is the tile's (static) step count.
+      load: ``(info, step, a_dst, b_dst, barrier)`` issues the step's two TMA copies.
+      mma: ``(info, acc_ref, a_slot, b_slot)`` issues the step's ``wgmma``.
+      store: ``(info, acc)`` the epilogue of a finished tile (float32 ``acc``).
+      stages: the ring's slots (``a_smem``, ``b_smem``: ``[stages, ...]``; barriers
+        ``full`` and ``consumed``: ``[stages]``; ``turn``: ``[2]``).
+      wait: ``wgmma`` groups a consumer leaves in flight after issuing a step's (0 or 1:
+        with 1 the tensor cores have the next step queued while the previous one's slot
+        is released; a lone consumer's mainloop has no other to fill that gap).
+    """
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    wg = lax.axis_index("wg")
+
+    @pl.when(wg == 2)
+    def _producer():
+        plgpu.set_max_registers(40, action="decrease")
+
+        @pl.loop(0, num_local)
+        def _tile(j):
+            info = tile(j)
+
+            @pl.loop(0, info[0])
+            def _steps(s):
+                g = j * info[0] + s
+                slot = g % stages
+
+                @pl.when(g >= stages)
+                def _reuse():
+                    plgpu.barrier_wait(consumed.at[slot])
+
+                load(info, s, a_smem.at[slot], b_smem.at[slot], full.at[slot])
+
+    @pl.when(wg < 2)
+    def _consumer():
+        plgpu.set_max_registers(232, action="increase")
+
+        @pl.loop(0, (num_local - wg + 1) // 2)
+        def _tile(i):
+            j = 2 * i + wg
+            info = tile(j)
+            steps, first = info[0], j * info[0]
+
+            def mainloop(acc_ref):
+                @pl.when((wg == 1) | (i > 0))
+                def _turn():
+                    plgpu.barrier_wait(turn.at[wg])
+
+                @pl.loop(0, steps)
+                def _steps(s):
+                    slot = (first + s) % stages
+                    plgpu.barrier_wait(full.at[slot])
+                    mma(info, acc_ref, a_smem.at[slot], b_smem.at[slot])
+                    plgpu.wgmma_wait(wait)
+                    if wait:  # the previous step's wgmma is done: release its slot
+
+                        @pl.when(s > 0)
+                        def _release():
+                            plgpu.barrier_arrive(consumed.at[(first + s - 1) % stages])
+
+                    else:
+                        plgpu.barrier_arrive(consumed.at[slot])
+
+                plgpu.barrier_arrive(turn.at[1 - wg])  # every slot of this tile taken
+                if wait:
+                    plgpu.wgmma_wait(0)
+                    plgpu.barrier_arrive(consumed.at[(first + steps - 1) % stages])
+                return acc_ref[...]
+
+            with jax.named_scope("mainloop"):
+                acc = pl.run_scoped(mainloop, plgpu.ACC(acc_shape))
+            with jax.named_scope("epilogue"):
+                store(info, acc)
+
+
+def local_tiles(total):
+    """This program's share of ``total`` tiles taken round-robin over the SMs."""
+    sms = num_sms()
+    return (jnp.maximum(total - lax.axis_index("sm"), 0) + sms - 1) // sms
+
+
+def gmm(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
+    """:func:`modjax.kernels.mgpu_block_gmm.gmm` with ``tiles.schedule == "pingpong"`` (see
+    :func:`pingpong`): each
+    consumer warpgroup computes whole ``128 x tile_n`` tiles."""
+    import jax.experimental.pallas as pl
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    m, k = x.shape
+    n = w.shape[1] if transpose_rhs else w.shape[2]
+    dtype = x.dtype
+    tn, tk = t.tile_n, t.tile_k
+    n_iters, k_iters = n // tn, k // tk
+    num_blocks = m // BLOCK_M
+    itemsize = jnp.dtype(dtype).itemsize
+    x_transforms = swizzled(tk, itemsize)
+    w_shape = (tn, tk) if transpose_rhs else (tk, tn)
+    w_transforms = x_transforms if transpose_rhs else swizzled(tn, itemsize)
+    slots = min(2, (BLOCK_M // t.epi) * (tn // t.epi))
+    minor = 1 if t.minor == "n" else 0
+
+    def body(group_gmem, used_gmem, x_gmem, w_gmem, out_gmem):
+        wg = lax.axis_index("wg")
+        used = used_gmem[0]
+
+        def tile(j):
+            index = lax.axis_index("sm") + j * num_sms()
+            mi, ni = plgpu.planar_snake(index, (used, n_iters), minor, t.band)
+            return k_iters, mi, ni, group_gmem[mi]
+
+        def load(info, s, x_dst, w_dst, barrier):
+            _, mi, ni, g = info
+            rows, cols, ks = pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn), pl.ds(s * tk, tk)
+            plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_dst, barrier)
+            w_src = w_gmem.at[g, cols, ks] if transpose_rhs else w_gmem.at[g, ks, cols]
+            plgpu.copy_gmem_to_smem(w_src, w_dst, barrier)
+
+        def mma(info, acc_ref, x_slot, w_slot):
+            plgpu.wgmma(acc_ref, x_slot, w_slot.transpose((1, 0)) if transpose_rhs else w_slot)
+
+        @functools.partial(
+            pl.run_scoped,
+            a_smem=plgpu.SMEM((t.stages, BLOCK_M, tk), dtype, transforms=x_transforms),
+            b_smem=plgpu.SMEM((t.stages, *w_shape), dtype, transforms=w_transforms),
+            out_smem=plgpu.SMEM(
+                (2, slots, t.epi, t.epi), dtype, transforms=swizzled(t.epi, itemsize)
+            ),
+            full=plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
+            consumed=plgpu.Barrier(num_barriers=t.stages),
+            turn=plgpu.Barrier(num_barriers=2),
+            collective_axes="wg",
+        )
+        def _scope(a_smem, b_smem, out_smem, full, consumed, turn):
+            def store(info, acc):
+                _, mi, ni, _ = info
+                dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
+                store_pieces(acc.astype(dtype), dst, out_smem.at[wg], t.epi, slots)
+
+            pingpong(
+                num_local=local_tiles(used * n_iters), tile=tile, load=load, mma=mma,
+                store=store, stages=t.stages, a_smem=a_smem, b_smem=b_smem, full=full,
+                consumed=consumed, turn=turn, acc_shape=(BLOCK_M, tn), wait=t.wait,
+            )  # fmt: skip
+
+            # the blocks past the used ones get zeros (the contract of grouped_matmul.gmm),
+            # each consumer warpgroup every other one of this program's spare tiles
+            @pl.when(wg < 2)
+            def _zero_spare_blocks():
+                zeros = jnp.zeros((BLOCK_M, tn), dtype)
+
+                @pl.loop(wg, local_tiles((num_blocks - used) * n_iters), step=2)
+                def _spare(j):
+                    index = lax.axis_index("sm") + j * num_sms()
+                    mi, ni = used + index // n_iters, index % n_iters
+                    dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
+                    store_pieces(zeros, dst, out_smem.at[wg], t.epi, slots)
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    kernel = plgpu.kernel(
+        body,
+        out_type=jax.ShapeDtypeStruct((m, n), dtype),
+        grid=(num_sms(),),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
+    )
+    used = jnp.reshape(num_used, (1,)).astype(jnp.int32)
+    return kernel(block_group.astype(jnp.int32), used, x, w)
+
+
+__all__ = ["gmm", "local_tiles", "pingpong"]
