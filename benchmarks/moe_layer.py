@@ -31,7 +31,6 @@ import numpy as np
 
 from modjax.computation import ffn as ffn_lib
 from modjax.kernels import grouped_matmul as gm
-from modjax.kernels import mgpu_block_gmm
 from modjax.routing.types import Routing
 
 PRESETS = {
@@ -128,17 +127,7 @@ def patched(module, **attrs):
             setattr(module, name, value)
 
 
-def _pingpong_tiles(k):
-    """Ping-pong wherever its ring allows (``K / 64`` a multiple of 8), else the default."""
-    pp = mgpu_block_gmm.PINGPONG_TILES
-    return pp if (k // pp.tile_k) % (2 * pp.stages) == 0 else _DEFAULT_TILES(k)
-
-
-_DEFAULT_TILES = mgpu_block_gmm.default_tiles
-
-
 def _variants():
-    from modjax.kernels import grouped_matmul as gm
     from modjax.kernels import mgpu_block_gmm as bg
     from modjax.kernels import mgpu_gmm
 
@@ -160,8 +149,9 @@ def _variants():
         "count": lambda: patched(gm, LAYOUT_RANKS="count"),
         # short contractions in chained cooperative pipelines (the default before ping-pong)
         "coop": lambda: patched(bg, SHORT_K_SCHEDULE="cooperative"),
-        # the forward/input-gradient gmm in ping-pong wherever its ring allows (every K)
-        "pingpong": lambda: patched(bg, default_tiles=_pingpong_tiles),
+        # the forward/input-gradient gmm in ping-pong wherever its ring allows, at every K
+        # (what default_tiles does up to CHAIN_MAX_K)
+        "pingpong": lambda: patched(bg, CHAIN_MAX_K=1 << 30),
     }
 
 
