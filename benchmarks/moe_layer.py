@@ -145,8 +145,10 @@ def _variants():
         "cluster": lambda: patched(bg, TILES=bg.TILES.replace(cluster=2), CHAIN_MAX_K=0),
         # the layout's block groups by a binary-search while loop (_scan_searchsorted)
         "scan": lambda: patched(jnp, searchsorted=_scan_searchsorted),
-        # rows ranked in their group by a running count instead of a sort (the same layout)
+        # rows ranked in their group by a running count or by a sort (the same layout;
+        # the default, "auto", counts on a GPU and sorts elsewhere)
         "count": lambda: patched(gm, LAYOUT_RANKS="count"),
+        "sort": lambda: patched(gm, LAYOUT_RANKS="sort"),
         # short contractions in chained cooperative pipelines (the default before ping-pong)
         "coop": lambda: patched(bg, SHORT_K_SCHEDULE="cooperative"),
         # the forward/input-gradient gmm in ping-pong wherever its ring allows, at every K

@@ -98,13 +98,22 @@ def group_layout(group_sizes: Array, num_rows: int, block_size: int) -> GroupLay
 
 
 #: how :func:`sort_to_blocks` ranks rows inside their group by default: ``"sort"`` (one
-#: sort of packed keys) or ``"count"`` (a running count over a one-hot ``[M, G]``, no
-#: sort). Both give the same layout. On the 2-core CPU counting is 2-8x slower (4.3
-#: against 0.73 ms at M = 16384, G = 64); on the H200, traces put a same-sized count at
-#: 0.022 ms against the sort's 0.088 at OLMoE's shape, and the small shape's sort at
-#: 0.057 ms (six launches). The layer with counting is not yet timed on a GPU (2026-12-01:
-#: ``moe_layer.py --methods dropless,dropless+count``), so the default stays ``"sort"``.
-LAYOUT_RANKS = "sort"
+#: sort of packed keys), ``"count"`` (a running count over a one-hot ``[M, G]``, no sort)
+#: or ``"auto"``: counting on a GPU, the sort elsewhere. Both give the same layout. On the
+#: 2-core CPU counting is 2-8x slower (4.3 against 0.73 ms at M = 16384, G = 64). On the
+#: H200 the layer's fwd+bwd with counting took 1.138 ms against the sort's 1.213 at the
+#: small shape (0.74 against 0.69 of dense) and 10.23 against 10.24 at OLMoE's (fwd 3.79
+#: against 3.96), interleaved in one process (``benchmarks/RESULTS.md``, ninth session).
+LAYOUT_RANKS = "auto"
+
+
+def _layout_ranks(ranks: str | None) -> str:
+    ranks = ranks or LAYOUT_RANKS
+    if ranks == "auto":
+        return "count" if _on_gpu() else "sort"
+    if ranks not in ("sort", "count"):
+        raise ValueError(f"ranks must be 'sort', 'count' or 'auto', got {ranks!r}")
+    return ranks
 
 
 def sort_to_blocks(
@@ -124,8 +133,8 @@ def sort_to_blocks(
       valid: optional bool ``[M]``: rows to place. Invalid rows (padding, dropped
         assignments) join no group, so no block holds them and the kernels skip the
         blocks they would have filled; their ``position`` is 0 (mask their outputs).
-      ranks: ``"sort"`` or ``"count"``, how rows are ranked inside their group (the same
-        result; default :data:`LAYOUT_RANKS`). ``"count"`` holds an int32 ``[M, G]``
+      ranks: ``"sort"``, ``"count"`` or ``"auto"``, how rows are ranked inside their
+        group (the same result; default :data:`LAYOUT_RANKS`). ``"count"`` holds an int32 ``[M, G]``
         running count.
 
     Returns:
@@ -133,9 +142,7 @@ def sort_to_blocks(
       ``[Nb * block_size]`` source row of each padded row (``M`` for padding); and the
       :class:`GroupLayout`. Rows keep their order inside a group (stable).
     """
-    ranks = ranks or LAYOUT_RANKS
-    if ranks not in ("sort", "count"):
-        raise ValueError(f"ranks must be 'sort' or 'count', got {ranks!r}")
+    ranks = _layout_ranks(ranks)
     m = group_ids.shape[0]
     group_ids = group_ids.astype(jnp.int32)
     if valid is not None:  # invalid rows get the sentinel group G: sorted last, counted nowhere

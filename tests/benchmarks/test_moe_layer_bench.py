@@ -109,7 +109,7 @@ def test_layout_variants_trace_their_layout_and_compute_the_same_layer(variant):
     for a, b in zip(jax.tree.leaves(grad_a(*args)), jax.tree.leaves(grad_b(*args)), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert jnp.searchsorted is moe_layer._SEARCHSORTED  # restored after tracing
-    assert moe_layer.gm.LAYOUT_RANKS == "sort"
+    assert moe_layer.gm.LAYOUT_RANKS == "auto"
 
 
 def test_schedule_variants_pick_the_block_gmm_tiles_and_restore_them():

@@ -92,8 +92,14 @@ def test_sort_to_blocks_ranks_by_count_equal_ranks_by_sort(kind):
     ]
     for a, b in zip(*(jax.tree.leaves(e) for e in empty)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    with pytest.raises(ValueError, match="ranks must be 'sort' or 'count', got 'radix'"):
+    with pytest.raises(ValueError, match="ranks must be 'sort', 'count' or 'auto', got 'radix'"):
         gm.sort_to_blocks(ids, g, bs, ranks="radix")
+
+
+def test_layout_ranks_auto_counts_on_a_gpu_and_sorts_elsewhere(monkeypatch):
+    assert gm.LAYOUT_RANKS == "auto" and gm._layout_ranks(None) == "sort"  # this CPU
+    monkeypatch.setattr(gm, "_on_gpu", lambda: True)
+    assert gm._layout_ranks(None) == "count" and gm._layout_ranks("sort") == "sort"
 
 
 def test_layout_has_no_while_loop():
