@@ -31,6 +31,7 @@ import numpy as np
 
 from modjax.computation import ffn as ffn_lib
 from modjax.kernels import grouped_matmul as gm
+from modjax.kernels import grouped_swiglu as gs
 from modjax.routing.types import Routing
 
 PRESETS = {
@@ -149,6 +150,9 @@ def _variants():
         # the default, "auto", counts on a GPU and sorts elsewhere)
         "count": lambda: patched(gm, LAYOUT_RANKS="count"),
         "sort": lambda: patched(gm, LAYOUT_RANKS="sort"),
+        # SwiGLU's projections as two gmm and the activation as its own pass (the default
+        # on a Hopper GPU: one kernel with the activation in its epilogue)
+        "unfused": lambda: patched(gs, FUSE=False),
         # short contractions in chained cooperative pipelines (the default before ping-pong)
         "coop": lambda: patched(bg, SHORT_K_SCHEDULE="cooperative"),
         # the forward/input-gradient gmm in ping-pong wherever its ring allows, at every K

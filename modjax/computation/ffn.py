@@ -41,7 +41,7 @@ import jax.numpy as jnp
 
 from modjax.computation import matmul
 from modjax.kernels import grouped_matmul as gm
-from modjax.kernels import xla_expert_ffn
+from modjax.kernels import grouped_swiglu, xla_expert_ffn
 from modjax.routing.dispatch import slot_maps
 from modjax.routing.types import DenseRouting, Routing
 from modjax.typing import Array, PyTree
@@ -132,9 +132,11 @@ def expert_ffn_blocks(
 ) -> Array:
     """Expert FFN on block-padded rows ``[Nb * bs, D]`` (see :func:`gm.sort_to_blocks`).
 
-    Three grouped matmuls with the activation between them; where the grouped matmuls
-    would be XLA loops (off the GPU), one fused loop over blocks instead
-    (:mod:`modjax.kernels.xla_expert_ffn`, the same function).
+    Three grouped matmuls with the activation between them (SwiGLU's input projections
+    and activation as one op, :func:`modjax.kernels.grouped_swiglu.swiglu_gmm`: on a
+    Hopper GPU one kernel); where the grouped matmuls would be XLA loops (off the GPU),
+    one fused loop over blocks instead (:mod:`modjax.kernels.xla_expert_ffn`, the same
+    function).
     """
     names = _check_activation(activation)
     if gm.runs_on_xla(impl):
@@ -145,8 +147,13 @@ def expert_ffn_blocks(
     mm = functools.partial(
         gm.gmm, layout=layout, block_size=block_size, impl=impl, interpret=interpret
     )
-    proj = {n: mm(x, params[n].astype(x.dtype)) for n in names}
-    return mm(_hidden(activation, proj), params["wo"].astype(x.dtype))
+    if activation == "swiglu":  # one op: on a Hopper GPU one kernel with the activation
+        w_gate, w_up = (params[n].astype(x.dtype) for n in names)
+        h = grouped_swiglu.swiglu_gmm(x, w_gate, w_up, layout, block_size=block_size,
+                                      impl=impl, interpret=interpret)  # fmt: skip
+    else:
+        h = _hidden(activation, {n: mm(x, params[n].astype(x.dtype)) for n in names})
+    return mm(h, params["wo"].astype(x.dtype))
 
 
 def grouped_ffn(

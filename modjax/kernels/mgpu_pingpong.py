@@ -126,25 +126,59 @@ def local_tiles(total):
 
 def gmm(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
     """:func:`modjax.kernels.mgpu_block_gmm.gmm` with ``tiles.schedule == "pingpong"`` (see
-    :func:`pingpong`): each
-    consumer warpgroup computes whole ``128 x tile_n`` tiles."""
+    :func:`pingpong`): each consumer warpgroup computes whole ``128 x tile_n`` tiles."""
+    dtype = x.dtype
+    return _kernel(x, (w,), block_group, num_used, transpose_rhs, t,
+                   lambda acc: (acc.astype(dtype),))[0]  # fmt: skip
+
+
+def gmm_swiglu(x, w_gate, w_up, block_group, num_used, t: Tiles):
+    """``(h, gate, up)`` of the block-padded layout's first ``num_used`` blocks, in one kernel:
+    ``gate = x[b] @ w_gate[g]``, ``up = x[b] @ w_up[g]`` (each rounded to x's dtype) and
+    ``h = silu(gate) * up`` (in float32, rounded to x's dtype), for ``g = block_group[b]``.
+
+    Each ``128 x tile_n`` tile holds ``tile_n / 2`` columns of ``gate`` and the same columns
+    of ``up`` (its weight slot is loaded from the two weights, half each), so the epilogue
+    has both in registers: it stores ``h`` beside the two projections the backward needs,
+    and the activation costs no pass over memory of its own. Checks are the caller's
+    (:func:`modjax.kernels.mgpu_block_gmm.check_swiglu`).
+    """
+    dtype = x.dtype
+    half = t.tile_n // 2
+
+    def epilogue(acc):
+        gate, up = acc[:, :half].astype(dtype), acc[:, half:].astype(dtype)
+        h = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
+        return h.astype(dtype), gate, up
+
+    return _kernel(x, (w_gate, w_up), block_group, num_used, False, t, epilogue, outputs=3)
+
+
+def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, outputs=1):
+    """The ping-pong block gmm of ``x`` against the weights ``ws`` (one, or two whose
+    columns share each tile half and half), with ``epilogue(acc) -> outputs`` arrays of
+    ``128 x tile_n / len(ws)`` (each output is ``[M, N]``, N the weights' output width)."""
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     m, k = x.shape
+    w = ws[0]
     n = w.shape[1] if transpose_rhs else w.shape[2]
     dtype = x.dtype
     tn, tk = t.tile_n, t.tile_k
-    n_iters, k_iters = n // tn, k // tk
+    out_n = tn // len(ws)  # output columns per tile (of each weight)
+    n_iters, k_iters = n // out_n, k // tk
     num_blocks = m // BLOCK_M
     itemsize = jnp.dtype(dtype).itemsize
     x_transforms = swizzled(tk, itemsize)
-    w_shape = (tn, tk) if transpose_rhs else (tk, tn)
-    w_transforms = x_transforms if transpose_rhs else swizzled(tn, itemsize)
-    slots = min(2, (BLOCK_M // t.epi) * (tn // t.epi))
+    # one slot per weight: a tile's columns of each (contiguous in shared memory for TMA)
+    w_shape = (len(ws), out_n, tk) if transpose_rhs else (len(ws), tk, out_n)
+    w_transforms = x_transforms if transpose_rhs else swizzled(out_n, itemsize)
+    slots = min(2, (BLOCK_M // t.epi) * (out_n // t.epi))
     minor = 1 if t.minor == "n" else 0
 
-    def body(group_gmem, used_gmem, x_gmem, w_gmem, out_gmem):
+    def body(group_gmem, used_gmem, x_gmem, *refs):
+        w_gmems, out_gmems = refs[: len(ws)], refs[len(ws) :]
         wg = lax.axis_index("wg")
         used = used_gmem[0]
 
@@ -155,13 +189,18 @@ def gmm(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
 
         def load(info, s, x_dst, w_dst, barrier):
             _, mi, ni, g = info
-            rows, cols, ks = pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn), pl.ds(s * tk, tk)
+            rows, ks = pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(s * tk, tk)
+            cols = pl.ds(ni * out_n, out_n)
             plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_dst, barrier)
-            w_src = w_gmem.at[g, cols, ks] if transpose_rhs else w_gmem.at[g, ks, cols]
-            plgpu.copy_gmem_to_smem(w_src, w_dst, barrier)
+            for i, w_gmem in enumerate(w_gmems):
+                src = w_gmem.at[g, cols, ks] if transpose_rhs else w_gmem.at[g, ks, cols]
+                plgpu.copy_gmem_to_smem(src, w_dst.at[i], barrier)
 
         def mma(info, acc_ref, x_slot, w_slot):
-            plgpu.wgmma(acc_ref, x_slot, w_slot.transpose((1, 0)) if transpose_rhs else w_slot)
+            for i in range(len(ws)):  # each weight's columns into its part of the tile
+                acc = acc_ref.at[:, pl.ds(i * out_n, out_n)] if len(ws) > 1 else acc_ref
+                rhs = w_slot.at[i].transpose((1, 0)) if transpose_rhs else w_slot.at[i]
+                plgpu.wgmma(acc, x_slot, rhs)
 
         @functools.partial(
             pl.run_scoped,
@@ -170,41 +209,44 @@ def gmm(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
             out_smem=plgpu.SMEM(
                 (2, slots, t.epi, t.epi), dtype, transforms=swizzled(t.epi, itemsize)
             ),
-            full=plgpu.Barrier(num_arrivals=2, num_barriers=t.stages),
+            full=plgpu.Barrier(num_arrivals=1 + len(ws), num_barriers=t.stages),
             consumed=plgpu.Barrier(num_barriers=t.stages),
             turn=plgpu.Barrier(num_barriers=2),
             collective_axes="wg",
         )
         def _scope(a_smem, b_smem, out_smem, full, consumed, turn):
+            def store_tile(values, mi, ni):
+                for value, out_gmem in zip(values, out_gmems, strict=True):
+                    dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * out_n, out_n)]
+                    store_pieces(value, dst, out_smem.at[wg], t.epi, slots)
+
             def store(info, acc):
                 _, mi, ni, _ = info
-                dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
-                store_pieces(acc.astype(dtype), dst, out_smem.at[wg], t.epi, slots)
+                store_tile(epilogue(acc), mi, ni)
 
             pingpong(
                 num_local=local_tiles(used * n_iters), tile=tile, load=load, mma=mma,
                 store=store, stages=t.stages, a_smem=a_smem, b_smem=b_smem, full=full,
-                consumed=consumed, turn=turn, acc_shape=(BLOCK_M, tn), wait=t.wait,
+                consumed=consumed, turn=turn, acc_shape=(BLOCK_M, tn), wait=t.wait * len(ws),
             )  # fmt: skip
 
             # the blocks past the used ones get zeros (the contract of grouped_matmul.gmm),
             # each consumer warpgroup every other one of this program's spare tiles
             @pl.when(wg < 2)
             def _zero_spare_blocks():
-                zeros = jnp.zeros((BLOCK_M, tn), dtype)
+                zeros = jnp.zeros((BLOCK_M, out_n), dtype)
 
                 @pl.loop(wg, local_tiles((num_blocks - used) * n_iters), step=2)
                 def _spare(j):
                     index = lax.axis_index("sm") + j * num_sms()
-                    mi, ni = used + index // n_iters, index % n_iters
-                    dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * tn, tn)]
-                    store_pieces(zeros, dst, out_smem.at[wg], t.epi, slots)
+                    store_tile((zeros,) * outputs, used + index // n_iters, index % n_iters)
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
+    out = jax.ShapeDtypeStruct((m, n), dtype)
     kernel = plgpu.kernel(
         body,
-        out_type=jax.ShapeDtypeStruct((m, n), dtype),
+        out_type=(out,) * outputs,
         grid=(num_sms(),),
         grid_names=("sm",),
         num_threads=3,
@@ -212,7 +254,7 @@ def gmm(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
     used = jnp.reshape(num_used, (1,)).astype(jnp.int32)
-    return kernel(block_group.astype(jnp.int32), used, x, w)
+    return kernel(block_group.astype(jnp.int32), used, x, *ws)
 
 
-__all__ = ["gmm", "local_tiles", "pingpong"]
+__all__ = ["gmm", "gmm_swiglu", "local_tiles", "pingpong"]
