@@ -32,6 +32,7 @@ import numpy as np
 from modjax.computation import ffn as ffn_lib
 from modjax.kernels import grouped_matmul as gm
 from modjax.kernels import grouped_swiglu as gs
+from modjax.kernels import mgpu_swiglu as ms
 from modjax.routing.types import Routing
 
 PRESETS = {
@@ -153,6 +154,10 @@ def _variants():
         # SwiGLU's projections as two gmm and the activation as its own pass (the default
         # on a Hopper GPU: one kernel with the activation in its epilogue)
         "unfused": lambda: patched(gs, FUSE=False),
+        # the fused backward (dh with the activation's backward) at every width it fits
+        # (the default: up to mgpu_swiglu.SWIGLU_BWD_MAX_K), or at none
+        "bwdall": lambda: patched(ms, SWIGLU_BWD_MAX_K=1 << 30),
+        "bwdnone": lambda: patched(ms, SWIGLU_BWD_MAX_K=0),
         # short contractions in chained cooperative pipelines (the default before ping-pong)
         "coop": lambda: patched(bg, SHORT_K_SCHEDULE="cooperative"),
         # the forward/input-gradient gmm in ping-pong wherever its ring allows, at every K

@@ -132,9 +132,10 @@ def expert_ffn_blocks(
 ) -> Array:
     """Expert FFN on block-padded rows ``[Nb * bs, D]`` (see :func:`gm.sort_to_blocks`).
 
-    Three grouped matmuls with the activation between them (SwiGLU's input projections
-    and activation as one op, :func:`modjax.kernels.grouped_swiglu.swiglu_gmm`: on a
-    Hopper GPU one kernel); where the grouped matmuls would be XLA loops (off the GPU),
+    Three grouped matmuls with the activation between them (SwiGLU's as one op,
+    :func:`modjax.kernels.grouped_swiglu.swiglu_ffn`, whose activation lives in the
+    kernels' epilogues on a Hopper GPU); where the grouped matmuls would be XLA loops (off
+    the GPU),
     one fused loop over blocks instead (:mod:`modjax.kernels.xla_expert_ffn`, the same
     function).
     """
@@ -147,13 +148,12 @@ def expert_ffn_blocks(
     mm = functools.partial(
         gm.gmm, layout=layout, block_size=block_size, impl=impl, interpret=interpret
     )
-    if activation == "swiglu":  # one op: on a Hopper GPU one kernel with the activation
+    w_out = params["wo"].astype(x.dtype)
+    if activation == "swiglu":  # one op: on a Hopper GPU the activation is in two kernels
         w_gate, w_up = (params[n].astype(x.dtype) for n in names)
-        h = grouped_swiglu.swiglu_gmm(x, w_gate, w_up, layout, block_size=block_size,
-                                      impl=impl, interpret=interpret)  # fmt: skip
-    else:
-        h = _hidden(activation, {n: mm(x, params[n].astype(x.dtype)) for n in names})
-    return mm(h, params["wo"].astype(x.dtype))
+        return grouped_swiglu.swiglu_ffn(x, w_gate, w_up, w_out, layout, block_size=block_size,
+                                         impl=impl, interpret=interpret)  # fmt: skip
+    return mm(_hidden(activation, {n: mm(x, params[n].astype(x.dtype)) for n in names}), w_out)
 
 
 def grouped_ffn(

@@ -1,18 +1,23 @@
-"""A SwiGLU expert FFN's input projections and activation on the block-padded layout.
+"""A SwiGLU expert FFN on the block-padded layout as one op, with its activation fused.
 
-``swiglu_gmm(x, w_gate, w_up, layout)`` is ``silu(gmm(x, w_gate)) * gmm(x, w_up)``: the
-two grouped matmuls (:func:`modjax.kernels.grouped_matmul.gmm`, each rounded to x's
-dtype) and the activation in float32, rounded to x's dtype. On a Hopper GPU it is one
-Mosaic GPU kernel (:func:`modjax.kernels.mgpu_block_gmm.gmm_swiglu`): each output tile
-holds the same columns of both projections, so the epilogue applies the activation and
-the hidden rows never make a round trip through memory before it. Elsewhere (and where
-that kernel's tiles do not fit) it is the two grouped matmuls and the activation.
+``swiglu_ffn(x, w_gate, w_up, w_out, layout)`` is ``gmm(swiglu(gmm(x, w_gate), gmm(x,
+w_up)), w_out)``: three grouped matmuls (:func:`modjax.kernels.grouped_matmul.gmm`, each
+rounded to x's dtype) and the activation in float32, rounded to x's dtype. Its gradient
+is written out (one ``jax.custom_vjp``): ``dh = dy @ w_out.T``, the activation's backward
+in float32, then the projections' input gradients (summed) and the three weight
+gradients with ``grouped_matmul``'s primitives.
 
-Its gradient is written out (one ``jax.custom_vjp``): the activation's backward in
-float32, then the two projections' input gradients (summed) and weight gradients with
-``grouped_matmul``'s primitives. The reference twin is the composition it replaces,
-differentiated by JAX (``tests/kernels/test_grouped_swiglu.py``: values and gradients,
-on CPU and, with ``MODJAX_GPU_TESTS=1``, through the kernel on a GPU).
+On a Hopper GPU the activation lives in two kernels' epilogues
+(:mod:`modjax.kernels.mgpu_swiglu`): the forward's input projections are one kernel whose
+tiles hold the same columns of both and store ``h`` beside them, and the backward's
+``dh`` is one kernel that reads its tile of ``gate`` and ``up`` and stores their
+gradients. Neither ``h`` nor ``dh`` makes a round trip through memory before the
+activation, which costs no pass of its own. Elsewhere (and where those kernels' tiles do
+not fit) it is the grouped matmuls and the activation as XLA ops.
+
+The reference twin is the composition it replaces, differentiated by JAX
+(``tests/kernels/test_grouped_swiglu.py``: values and gradients on CPU and, with
+``MODJAX_GPU_TESTS=1``, through the kernels on a GPU).
 """
 
 from __future__ import annotations
@@ -46,10 +51,14 @@ def swiglu_grad(dh: Array, gate: Array, up: Array) -> tuple[Array, Array]:
     return dgate.astype(gate.dtype), dup.astype(up.dtype)
 
 
-def fused_applies(x: Array, w_gate: Array, block_size: int, impl: str, interpret: bool) -> bool:
-    """Whether :func:`swiglu_gmm` takes the one-kernel path for these operands."""
+def fused_applies(
+    x: Array, w_gate: Array, block_size: int, impl: str, interpret: bool, backward: bool = False
+) -> bool:
+    """Whether :func:`swiglu_ffn` takes its Hopper kernel for these operands: the forward's
+    (:func:`~modjax.kernels.mgpu_swiglu.gmm_swiglu`), or with ``backward`` the backward's
+    (:func:`~modjax.kernels.mgpu_swiglu.gmm_swiglu_bwd`)."""
     from modjax.kernels import mgpu_block_gmm as bg
-    from modjax.kernels import mgpu_gmm
+    from modjax.kernels import mgpu_gmm, mgpu_swiglu
 
     if not FUSE or impl not in ("auto", "mgpu") or interpret or not gm._on_gpu():
         return False
@@ -57,37 +66,42 @@ def fused_applies(x: Array, w_gate: Array, block_size: int, impl: str, interpret
         return False
     if impl == "auto" and not mgpu_gmm.on_hopper():
         return False
-    return bg.swiglu_fits(x.shape[1], w_gate.shape[2])
+    fits = mgpu_swiglu.swiglu_bwd_fits if backward else mgpu_swiglu.swiglu_fits
+    return fits(x.shape[1], w_gate.shape[2])
 
 
-def swiglu_gmm(
+def swiglu_ffn(
     x: Array,
     w_gate: Array,
     w_up: Array,
+    w_out: Array,
     layout: gm.GroupLayout,
     *,
     block_size: int,
     impl: str = "auto",
     interpret: bool = False,
 ) -> Array:
-    """``silu(x @ w_gate[g]) * (x @ w_up[g])`` for the rows of each group ``g``.
+    """A SwiGLU expert FFN, ``(silu(x @ w_gate[g]) * (x @ w_up[g])) @ w_out[g]``, for the rows
+    of each group ``g``.
 
     Args:
       x: ``[Nb * block_size, D]`` rows in block-padded layout.
-      w_gate, w_up: ``[G, D, F]``.
+      w_gate, w_up: ``[G, D, F]``; w_out: ``[G, F, D]``; all in x's dtype.
       layout, block_size, impl, interpret: as :func:`modjax.kernels.grouped_matmul.gmm`
-        (``impl`` picks the grouped matmuls; the fused kernel is ``"auto"``'s or
-        ``"mgpu"``'s choice on a Hopper GPU).
+        (``impl`` picks the grouped matmuls; the fused kernels are ``"auto"``'s or
+        ``"mgpu"``'s choice on a Hopper GPU, :func:`fused_applies`).
 
     Returns:
-      ``[Nb * block_size, F]`` in x's dtype; rows of unused blocks are zero.
+      ``[Nb * block_size, D]`` in x's dtype; rows of unused blocks are zero.
     """
     gm._check_gmm(x, w_gate, layout, block_size, False)
-    gm._check_gmm(x, w_up, layout, block_size, False)
     if w_gate.shape != w_up.shape:
         raise ValueError(f"w_gate {w_gate.shape} and w_up {w_up.shape} must have one shape")
+    g, d, f = w_gate.shape
+    if w_out.shape != (g, f, d):
+        raise ValueError(f"w_out must be [G, F, D] = {(g, f, d)}, got {w_out.shape}")
     static = _Static(block_size, gm._check_impl(impl), interpret)
-    return _swiglu_core(x, w_gate, w_up, layout, static)
+    return _ffn_core(x, w_gate, w_up, w_out, layout, static)
 
 
 class _Static(NamedTuple):
@@ -99,41 +113,56 @@ class _Static(NamedTuple):
 jax.tree_util.register_pytree_node(_Static, lambda s: ((), tuple(s)), lambda aux, _: _Static(*aux))
 
 
-def _forward(x, w_gate, w_up, layout, static):
-    """``(h, gate, up)``."""
+def _gmm(x, w, layout, static, transpose_rhs=False):
     block_size, impl, interpret = static
-    if fused_applies(x, w_gate, block_size, impl, interpret):
-        from modjax.kernels import mgpu_block_gmm as bg
+    return gm._gmm_impl(x, w, layout, block_size, transpose_rhs, impl, interpret)
 
-        return bg.gmm_swiglu(
-            x, w_gate, w_up, layout.block_group, layout.group_start[-1], block_size=block_size
-        )
-    gate, up = (gm._gmm_impl(x, w, layout, block_size, False, impl, interpret)
-                for w in (w_gate, w_up))  # fmt: skip
-    return swiglu(gate, up), gate, up
+
+def _tgmm(x, dy, layout, static, out_dtype):
+    block_size, impl, interpret = static
+    return gm._tgmm_impl(x, dy, layout, block_size, impl, interpret, out_dtype=out_dtype)
+
+
+def _forward(x, w_gate, w_up, w_out, layout, static):
+    """``(y, (h, gate, up))``."""
+    if fused_applies(x, w_gate, static.block_size, static.impl, static.interpret):
+        from modjax.kernels import mgpu_swiglu
+
+        h, gate, up = mgpu_swiglu.gmm_swiglu(x, w_gate, w_up, layout.block_group,
+                                             layout.group_start[-1])  # fmt: skip
+    else:
+        gate, up = _gmm(x, w_gate, layout, static), _gmm(x, w_up, layout, static)
+        h = swiglu(gate, up)
+    return _gmm(h, w_out, layout, static), (h, gate, up)
 
 
 @jax.custom_vjp
-def _swiglu_core(x, w_gate, w_up, layout, static):
-    return _forward(x, w_gate, w_up, layout, static)[0]
+def _ffn_core(x, w_gate, w_up, w_out, layout, static):
+    return _forward(x, w_gate, w_up, w_out, layout, static)[0]
 
 
-def _swiglu_fwd(x, w_gate, w_up, layout, static):
-    h, gate, up = _forward(x, w_gate, w_up, layout, static)
-    return h, (x, w_gate, w_up, layout, static, gate, up)
+def _ffn_fwd(x, w_gate, w_up, w_out, layout, static):
+    y, hidden = _forward(x, w_gate, w_up, w_out, layout, static)
+    return y, (x, w_gate, w_up, w_out, layout, static, hidden)
 
 
-def _swiglu_bwd(res, dh):
-    x, w_gate, w_up, layout, static, gate, up = res
-    block_size, impl, interpret = static
-    dgate, dup = swiglu_grad(dh.astype(x.dtype), gate, up)
-    dx = sum(gm._gmm_impl(d, w, layout, block_size, True, impl, interpret)
-             for d, w in ((dgate, w_gate), (dup, w_up)))  # fmt: skip
-    dws = (gm._tgmm_impl(x, d, layout, block_size, impl, interpret, out_dtype=w.dtype)
-           for d, w in ((dgate, w_gate), (dup, w_up)))  # fmt: skip
-    return (dx.astype(x.dtype), *dws, None, None)
+def _ffn_bwd(res, dy):
+    x, w_gate, w_up, w_out, layout, static, (h, gate, up) = res
+    dy = dy.astype(x.dtype)
+    if fused_applies(x, w_gate, static.block_size, static.impl, static.interpret, True):
+        from modjax.kernels import mgpu_swiglu
+
+        dgate, dup = mgpu_swiglu.gmm_swiglu_bwd(dy, w_out, gate, up, layout.block_group,
+                                                layout.group_start[-1])  # fmt: skip
+    else:
+        dgate, dup = swiglu_grad(_gmm(dy, w_out, layout, static, transpose_rhs=True), gate, up)
+    dw_out = _tgmm(h, dy, layout, static, w_out.dtype)
+    dx = _gmm(dgate, w_gate, layout, static, True) + _gmm(dup, w_up, layout, static, True)
+    dw_gate = _tgmm(x, dgate, layout, static, w_gate.dtype)
+    dw_up = _tgmm(x, dup, layout, static, w_up.dtype)
+    return dx, dw_gate, dw_up, dw_out, None, None
 
 
-_swiglu_core.defvjp(_swiglu_fwd, _swiglu_bwd)
+_ffn_core.defvjp(_ffn_fwd, _ffn_bwd)
 
-__all__ = ["FUSE", "fused_applies", "swiglu", "swiglu_gmm", "swiglu_grad"]
+__all__ = ["FUSE", "fused_applies", "swiglu", "swiglu_ffn", "swiglu_grad"]

@@ -435,78 +435,6 @@ def gmm(
     return kernel(block_group.astype(jnp.int32), used, x, w)
 
 
-#: the tiling of :func:`gmm_swiglu`: ping-pong tiles of 64 ``gate`` and 64 ``up`` columns
-SWIGLU_TILES = PINGPONG_TILES.replace(minor="n")
-#: :func:`swiglu_fits` takes contractions up to this wide: on the H200 the fused forward
-#: gained 3-5% at K = 512 and 2048 (small, OLMoE) and lost 4% at K = 4096 (Mixtral),
-#: where the ping-pong schedule trails the cooperative one (``benchmarks/RESULTS.md``)
-SWIGLU_MAX_K = 2048
-
-
-def gmm_swiglu(
-    x: Array,
-    w_gate: Array,
-    w_up: Array,
-    block_group: Array,
-    num_used: Array,
-    *,
-    block_size: int = BLOCK_M,
-    tiles: Tiles | None = None,
-) -> tuple[Array, Array, Array]:
-    """A SwiGLU expert FFN's input projections and activation in one kernel.
-
-    ``gate[b] = x[b] @ w_gate[g]`` and ``up[b] = x[b] @ w_up[g]`` for ``g =
-    block_group[b]``, each rounded to x's dtype, and ``h = silu(gate) * up`` computed in
-    float32 and rounded to x's dtype: what ``gmm`` twice and the activation give
-    (``grouped_matmul``'s reference twin), with the activation in the epilogue
-    (:func:`modjax.kernels.mgpu_pingpong.gmm_swiglu`). Rows past ``num_used`` blocks are
-    zero in all three.
-
-    Args:
-      x: ``[Nb * 128, K]`` bf16/f16.
-      w_gate, w_up: ``[G, K, F]``, x's dtype.
-      block_group, num_used: as :func:`gmm`.
-      tiles: a ping-pong :class:`Tiles` (default :data:`SWIGLU_TILES`); each tile holds
-        ``tile_n / 2`` columns of both projections, so F must be a multiple of that.
-
-    Returns:
-      ``(h, gate, up)``, each ``[Nb * 128, F]`` in x's dtype.
-    """
-    t = tiles or SWIGLU_TILES
-    check_swiglu(x, w_gate, w_up, block_size, t)
-    from modjax.kernels import mgpu_pingpong
-
-    return mgpu_pingpong.gmm_swiglu(x, w_gate, w_up, block_group, num_used, t)
-
-
-def check_swiglu(x: Array, w_gate: Array, w_up: Array, block_size: int, tiles: Tiles) -> None:
-    """Errors naming the argument for :func:`gmm_swiglu`, before anything is traced."""
-    if w_gate.shape != w_up.shape or w_gate.dtype != w_up.dtype:
-        raise ValueError(
-            f"w_gate and w_up must match, got {w_gate.shape} {w_gate.dtype} and "
-            f"{w_up.shape} {w_up.dtype}"
-        )
-    if tiles.schedule != "pingpong":
-        raise ValueError(f"gmm_swiglu takes a ping-pong tiling, got schedule={tiles.schedule!r}")
-    f = w_gate.shape[2]
-    if f % (tiles.tile_n // 2):
-        raise ValueError(
-            f"gmm_swiglu: F (w_gate width)={f} must be a multiple of tile_n/2={tiles.tile_n // 2}"
-        )
-    # the kernel is a ping-pong gmm of N = 2F output columns: its other checks
-    check(x, jax.ShapeDtypeStruct((*w_gate.shape[:2], 2 * f), w_gate.dtype), block_size,
-          False, tiles)  # fmt: skip
-
-
-def swiglu_fits(k: int, f: int, tiles: Tiles | None = None) -> bool:
-    """Whether :func:`gmm_swiglu` takes contraction width ``K`` and hidden width ``F``
-    (up to :data:`SWIGLU_MAX_K`: where the fused kernel is the faster path)."""
-    t = tiles or SWIGLU_TILES
-    steps = k // t.tile_k
-    fits = k % t.tile_k == 0 and steps % (2 * t.stages) == 0 and f % (t.tile_n // 2) == 0
-    return fits and k <= SWIGLU_MAX_K
-
-
 def store_pieces(out, dst, out_smem, epi: int, slots: int) -> None:
     """A warpgroup's finished tile ``out`` (a value, already in the output dtype) to the
     global ref ``dst`` of its shape, through its shared-memory buffers ``out_smem[slot]``
@@ -704,23 +632,18 @@ __all__ = [
     "PROFILE_SPANS",
     "SHORT_K_SCHEDULE",
     "SMEM_BYTES",
-    "SWIGLU_MAX_K",
-    "SWIGLU_TILES",
     "TILES",
     "TTiles",
     "T_TILES",
     "Tiles",
     "check",
     "check_operands",
-    "check_swiglu",
     "default_tiles",
     "fits",
     "gmm",
-    "gmm_swiglu",
     "num_sms",
     "pingpong_smem",
     "store_pieces",
-    "swiglu_fits",
     "swizzled",
     "tgmm",
     "tgmm_fits",

@@ -20,7 +20,7 @@ from modjax.kernels.mgpu_block_gmm import BLOCK_M, Tiles, num_sms, store_pieces,
 
 
 def pingpong(*, num_local, tile, load, mma, store, stages, a_smem, b_smem, full, consumed,
-              turn, acc_shape, wait):  # fmt: skip
+              turn, acc_shape, wait, prefetch=None):  # fmt: skip
     """A ping-pong schedule over this program's ``num_local`` output tiles, inside a
     3-warpgroup kernel: warpgroup 2 streams every tile's operands with TMA into one ring
     of ``stages`` slots; consumer warpgroups 0 and 1 take alternate tiles (``j % 2``), each
@@ -51,6 +51,8 @@ def pingpong(*, num_local, tile, load, mma, store, stages, a_smem, b_smem, full,
       wait: ``wgmma`` groups a consumer leaves in flight after issuing a step's (0 or 1:
         with 1 the tensor cores have the next step queued while the previous one's slot
         is released; a lone consumer's mainloop has no other to fill that gap).
+      prefetch: optional ``(info)``, issued by a consumer before its tile's mainloop (e.g.
+        TMA loads its epilogue reads), so their latency hides behind the mainloop.
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
@@ -112,6 +114,8 @@ def pingpong(*, num_local, tile, load, mma, store, stages, a_smem, b_smem, full,
                     plgpu.barrier_arrive(consumed.at[(first + steps - 1) % stages])
                 return acc_ref[...]
 
+            if prefetch is not None:
+                prefetch(info)
             with jax.named_scope("mainloop"):
                 acc = pl.run_scoped(mainloop, plgpu.ACC(acc_shape))
             with jax.named_scope("epilogue"):
@@ -143,21 +147,52 @@ def gmm_swiglu(x, w_gate, w_up, block_group, num_used, t: Tiles):
     and the activation costs no pass over memory of its own. Checks are the caller's
     (:func:`modjax.kernels.mgpu_block_gmm.check_swiglu`).
     """
+    from modjax.kernels.grouped_swiglu import swiglu
+
     dtype = x.dtype
     half = t.tile_n // 2
 
     def epilogue(acc):
         gate, up = acc[:, :half].astype(dtype), acc[:, half:].astype(dtype)
-        h = jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)
-        return h.astype(dtype), gate, up
+        return swiglu(gate, up), gate, up
 
     return _kernel(x, (w_gate, w_up), block_group, num_used, False, t, epilogue, outputs=3)
 
 
-def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, outputs=1):
+def gmm_swiglu_bwd(dy, w_out, gate, up, block_group, num_used, t: Tiles):
+    """``(d gate, d up)`` of a SwiGLU expert FFN in one kernel: ``dh = dy[b] @ w_out[g].T``
+    (rounded to dy's dtype, as a grouped matmul's output is) and the activation's backward
+    (:func:`modjax.kernels.grouped_swiglu.swiglu_grad`) in the epilogue.
+
+    Each consumer warpgroup loads its tile's ``gate`` and ``up`` tiles with TMA before its
+    mainloop (:func:`pingpong`'s ``prefetch``), so ``dh`` never makes a round trip through
+    memory and the activation's backward no pass of its own. Checks are the caller's
+    (:func:`modjax.kernels.mgpu_block_gmm.check_swiglu_bwd`).
+    """
+    from modjax.kernels.grouped_swiglu import swiglu_grad
+
+    dtype = dy.dtype
+
+    def epilogue(acc, gate_ref, up_ref):
+        import jax.experimental.pallas.mosaic_gpu as plgpu
+
+        gate, up = (plgpu.load(r, (), layout=plgpu.Layout.WGMMA) for r in (gate_ref, up_ref))
+        return swiglu_grad(acc.astype(dtype), gate, up)
+
+    return _kernel(dy, (w_out,), block_group, num_used, True, t, epilogue, outputs=2,
+                   epi_inputs=(gate, up))  # fmt: skip
+
+
+def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, outputs=1,
+            epi_inputs=()):  # fmt: skip
     """The ping-pong block gmm of ``x`` against the weights ``ws`` (one, or two whose
     columns share each tile half and half), with ``epilogue(acc) -> outputs`` arrays of
-    ``128 x tile_n / len(ws)`` (each output is ``[M, N]``, N the weights' output width)."""
+    ``128 x tile_n / len(ws)`` (each output is ``[M, N]``, N the weights' output width).
+
+    With ``epi_inputs`` (``[M, N]`` arrays), each consumer loads its tile of every one into
+    shared memory before its mainloop, and the epilogue runs per 64-row piece as
+    ``epilogue(acc_piece, *input_piece_refs)``.
+    """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
@@ -177,8 +212,12 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
     slots = min(2, (BLOCK_M // t.epi) * (out_n // t.epi))
     minor = 1 if t.minor == "n" else 0
 
+    n_in = len(epi_inputs)
+    piece = 64  # rows of an epilogue piece with inputs (a wgmma row group)
+
     def body(group_gmem, used_gmem, x_gmem, *refs):
-        w_gmems, out_gmems = refs[: len(ws)], refs[len(ws) :]
+        w_gmems, in_gmems = refs[: len(ws)], refs[len(ws) : len(ws) + n_in]
+        out_gmems = refs[len(ws) + n_in :]
         wg = lax.axis_index("wg")
         used = used_gmem[0]
 
@@ -202,6 +241,13 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
                 rhs = w_slot.at[i].transpose((1, 0)) if transpose_rhs else w_slot.at[i]
                 plgpu.wgmma(acc, x_slot, rhs)
 
+        # each consumer's tiles of the epilogue's inputs, and their barrier
+        inputs_scratch = dict(
+            in_smem=plgpu.SMEM((2, n_in, BLOCK_M, out_n), dtype,
+                               transforms=swizzled(out_n, itemsize)),
+            in_full=plgpu.Barrier(num_arrivals=n_in, num_barriers=2),
+        ) if n_in else {}  # fmt: skip
+
         @functools.partial(
             pl.run_scoped,
             a_smem=plgpu.SMEM((t.stages, BLOCK_M, tk), dtype, transforms=x_transforms),
@@ -212,22 +258,41 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
             full=plgpu.Barrier(num_arrivals=1 + len(ws), num_barriers=t.stages),
             consumed=plgpu.Barrier(num_barriers=t.stages),
             turn=plgpu.Barrier(num_barriers=2),
+            **inputs_scratch,
             collective_axes="wg",
         )
-        def _scope(a_smem, b_smem, out_smem, full, consumed, turn):
-            def store_tile(values, mi, ni):
+        def _scope(a_smem, b_smem, out_smem, full, consumed, turn, in_smem=None, in_full=None):
+            def tile_of(ref, mi, ni):
+                return ref.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * out_n, out_n)]
+
+            def store_tile(values, mi, ni, rows=BLOCK_M, row0=0):
                 for value, out_gmem in zip(values, out_gmems, strict=True):
-                    dst = out_gmem.at[pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * out_n, out_n)]
+                    dst = tile_of(out_gmem, mi, ni).at[pl.ds(row0, rows)]
                     store_pieces(value, dst, out_smem.at[wg], t.epi, slots)
+
+            def prefetch(info):
+                _, mi, ni, _ = info
+                for i, in_gmem in enumerate(in_gmems):
+                    plgpu.copy_gmem_to_smem(tile_of(in_gmem, mi, ni), in_smem.at[wg, i],
+                                            in_full.at[wg])  # fmt: skip
 
             def store(info, acc):
                 _, mi, ni, _ = info
-                store_tile(epilogue(acc), mi, ni)
+                if not n_in:
+                    store_tile(epilogue(acc), mi, ni)
+                    return
+                plgpu.barrier_wait(in_full.at[wg])
+                for p in range(BLOCK_M // piece):
+                    rows = pl.ds(p * piece, piece)
+                    ins = [in_smem.at[wg, i, rows] for i in range(n_in)]
+                    values = epilogue(acc[p * piece : (p + 1) * piece], *ins)
+                    store_tile(values, mi, ni, piece, p * piece)
 
             pingpong(
                 num_local=local_tiles(used * n_iters), tile=tile, load=load, mma=mma,
                 store=store, stages=t.stages, a_smem=a_smem, b_smem=b_smem, full=full,
                 consumed=consumed, turn=turn, acc_shape=(BLOCK_M, tn), wait=t.wait * len(ws),
+                prefetch=prefetch if n_in else None,
             )  # fmt: skip
 
             # the blocks past the used ones get zeros (the contract of grouped_matmul.gmm),
@@ -254,7 +319,7 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
     used = jnp.reshape(num_used, (1,)).astype(jnp.int32)
-    return kernel(block_group.astype(jnp.int32), used, x, *ws)
+    return kernel(block_group.astype(jnp.int32), used, x, *ws, *epi_inputs)
 
 
-__all__ = ["gmm", "gmm_swiglu", "local_tiles", "pingpong"]
+__all__ = ["gmm", "gmm_swiglu", "gmm_swiglu_bwd", "local_tiles", "pingpong"]
