@@ -158,6 +158,8 @@ def _variants():
         # (the default: up to mgpu_swiglu.SWIGLU_BWD_MAX_K), or at none
         "bwdall": lambda: patched(ms, SWIGLU_BWD_MAX_K=1 << 30),
         "bwdnone": lambda: patched(ms, SWIGLU_BWD_MAX_K=0),
+        # SwiGLU's input gradient as two gmm and a sum (the default: one kernel, gmm_sum_t)
+        "nosum": lambda: patched(ms, SUM_T=False),
         # short contractions in chained cooperative pipelines (the default before ping-pong)
         "coop": lambda: patched(bg, SHORT_K_SCHEDULE="cooperative"),
         # the forward/input-gradient gmm in ping-pong wherever its ring allows, at every K

@@ -11,7 +11,8 @@ On a Hopper GPU the activation lives in two kernels' epilogues
 (:mod:`modjax.kernels.mgpu_swiglu`): the forward's input projections are one kernel whose
 tiles hold the same columns of both and store ``h`` beside them, and the backward's
 ``dh`` is one kernel that reads its tile of ``gate`` and ``up`` and stores their
-gradients. Neither ``h`` nor ``dh`` makes a round trip through memory before the
+gradients; the input gradient of both projections is one contraction (one output, no
+sum). Neither ``h`` nor ``dh`` makes a round trip through memory before the
 activation, which costs no pass of its own. Elsewhere (and where those kernels' tiles do
 not fit) it is the grouped matmuls and the activation as XLA ops.
 
@@ -147,17 +148,23 @@ def _ffn_fwd(x, w_gate, w_up, w_out, layout, static):
 
 
 def _ffn_bwd(res, dy):
+    from modjax.kernels import mgpu_swiglu
+
     x, w_gate, w_up, w_out, layout, static, (h, gate, up) = res
     dy = dy.astype(x.dtype)
     if fused_applies(x, w_gate, static.block_size, static.impl, static.interpret, True):
-        from modjax.kernels import mgpu_swiglu
-
         dgate, dup = mgpu_swiglu.gmm_swiglu_bwd(dy, w_out, gate, up, layout.block_group,
                                                 layout.group_start[-1])  # fmt: skip
     else:
         dgate, dup = swiglu_grad(_gmm(dy, w_out, layout, static, transpose_rhs=True), gate, up)
     dw_out = _tgmm(h, dy, layout, static, w_out.dtype)
-    dx = _gmm(dgate, w_gate, layout, static, True) + _gmm(dup, w_up, layout, static, True)
+    if fused_applies(x, w_gate, static.block_size, static.impl, static.interpret) and (
+        mgpu_swiglu.sum_t_fits(w_gate.shape[2], x.shape[1])
+    ):
+        dx = mgpu_swiglu.gmm_sum_t((dgate, dup), (w_gate, w_up), layout.block_group,
+                                   layout.group_start[-1])  # fmt: skip
+    else:
+        dx = _gmm(dgate, w_gate, layout, static, True) + _gmm(dup, w_up, layout, static, True)
     dw_gate = _tgmm(x, dgate, layout, static, w_gate.dtype)
     dw_up = _tgmm(x, dup, layout, static, w_up.dtype)
     return dx, dw_gate, dw_up, dw_out, None, None

@@ -132,7 +132,7 @@ def gmm(x, w, block_group, num_used, transpose_rhs: bool, t: Tiles):
     """:func:`modjax.kernels.mgpu_block_gmm.gmm` with ``tiles.schedule == "pingpong"`` (see
     :func:`pingpong`): each consumer warpgroup computes whole ``128 x tile_n`` tiles."""
     dtype = x.dtype
-    return _kernel(x, (w,), block_group, num_used, transpose_rhs, t,
+    return _kernel((x,), (w,), block_group, num_used, transpose_rhs, t,
                    lambda acc: (acc.astype(dtype),))[0]  # fmt: skip
 
 
@@ -156,7 +156,7 @@ def gmm_swiglu(x, w_gate, w_up, block_group, num_used, t: Tiles):
         gate, up = acc[:, :half].astype(dtype), acc[:, half:].astype(dtype)
         return swiglu(gate, up), gate, up
 
-    return _kernel(x, (w_gate, w_up), block_group, num_used, False, t, epilogue, outputs=3)
+    return _kernel((x,), (w_gate, w_up), block_group, num_used, False, t, epilogue, outputs=3)
 
 
 def gmm_swiglu_bwd(dy, w_out, gate, up, block_group, num_used, t: Tiles):
@@ -179,15 +179,30 @@ def gmm_swiglu_bwd(dy, w_out, gate, up, block_group, num_used, t: Tiles):
         gate, up = (plgpu.load(r, (), layout=plgpu.Layout.WGMMA) for r in (gate_ref, up_ref))
         return swiglu_grad(acc.astype(dtype), gate, up)
 
-    return _kernel(dy, (w_out,), block_group, num_used, True, t, epilogue, outputs=2,
+    return _kernel((dy,), (w_out,), block_group, num_used, True, t, epilogue, outputs=2,
                    epi_inputs=(gate, up))  # fmt: skip
 
 
-def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, outputs=1,
+def gmm_sum_t(xs, ws, block_group, num_used, t: Tiles):
+    """``sum_i xs[i][b] @ ws[i][g].T`` for ``g = block_group[b]``, one contraction over all
+    pairs (the input gradient of projections that share their input, such as SwiGLU's two:
+    one output instead of one per projection and a sum). Checks are the caller's
+    (:func:`modjax.kernels.mgpu_swiglu.check_gmm_sum_t`)."""
+    dtype = xs[0].dtype
+    return _kernel(tuple(xs), tuple(ws), block_group, num_used, True, t,
+                   lambda acc: (acc.astype(dtype),))[0]  # fmt: skip
+
+
+def _kernel(xs, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, outputs=1,
             epi_inputs=()):  # fmt: skip
-    """The ping-pong block gmm of ``x`` against the weights ``ws`` (one, or two whose
-    columns share each tile half and half), with ``epilogue(acc) -> outputs`` arrays of
-    ``128 x tile_n / len(ws)`` (each output is ``[M, N]``, N the weights' output width).
+    """The ping-pong block gmm of the rows ``xs`` against the weights ``ws``, with
+    ``epilogue(acc) -> outputs`` arrays of ``128 x out_n`` (each output ``[M, N]``):
+
+    * one ``x`` and one weight: a plain gmm (``out_n = tile_n``);
+    * one ``x`` and two weights: their columns share each tile half and half (``out_n =
+      tile_n / 2``; N is each weight's output width);
+    * as many ``x`` as weights: the pairs are summed, one contraction over all of them
+      (``sum_i xs[i] @ ws[i][g]``: the steps of pair ``i`` follow those of pair ``i - 1``).
 
     With ``epi_inputs`` (``[M, N]`` arrays), each consumer loads its tile of every one into
     shared memory before its mainloop, and the epilogue runs per 64-row piece as
@@ -196,18 +211,20 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
-    m, k = x.shape
+    m, k = xs[0].shape
     w = ws[0]
     n = w.shape[1] if transpose_rhs else w.shape[2]
-    dtype = x.dtype
+    dtype = xs[0].dtype
     tn, tk = t.tile_n, t.tile_k
-    out_n = tn // len(ws)  # output columns per tile (of each weight)
-    n_iters, k_iters = n // out_n, k // tk
+    n_parts = len(ws) if len(xs) == 1 else 1  # weights side by side in a tile
+    out_n = tn // n_parts  # output columns per tile (of each weight)
+    part_steps = k // tk  # contraction steps of one (x, weight) pair
+    n_iters, k_iters = n // out_n, part_steps * len(xs)
     num_blocks = m // BLOCK_M
     itemsize = jnp.dtype(dtype).itemsize
     x_transforms = swizzled(tk, itemsize)
-    # one slot per weight: a tile's columns of each (contiguous in shared memory for TMA)
-    w_shape = (len(ws), out_n, tk) if transpose_rhs else (len(ws), tk, out_n)
+    # one slot per weight side by side: a tile's columns of each (contiguous for TMA)
+    w_shape = (n_parts, out_n, tk) if transpose_rhs else (n_parts, tk, out_n)
     w_transforms = x_transforms if transpose_rhs else swizzled(out_n, itemsize)
     slots = min(2, (BLOCK_M // t.epi) * (out_n // t.epi))
     minor = 1 if t.minor == "n" else 0
@@ -215,9 +232,13 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
     n_in = len(epi_inputs)
     piece = 64  # rows of an epilogue piece with inputs (a wgmma row group)
 
-    def body(group_gmem, used_gmem, x_gmem, *refs):
-        w_gmems, in_gmems = refs[: len(ws)], refs[len(ws) : len(ws) + n_in]
-        out_gmems = refs[len(ws) + n_in :]
+    def body(group_gmem, used_gmem, *refs):
+        x_gmems, refs = refs[: len(xs)], refs[len(xs) :]
+        w_gmems, in_gmems, out_gmems = (
+            refs[: len(ws)],
+            refs[len(ws) : len(ws) + n_in],
+            refs[len(ws) + n_in :],
+        )
         wg = lax.axis_index("wg")
         used = used_gmem[0]
 
@@ -226,18 +247,29 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
             mi, ni = plgpu.planar_snake(index, (used, n_iters), minor, t.band)
             return k_iters, mi, ni, group_gmem[mi]
 
+        def w_tile(w_gmem, g, cols, ks):
+            return w_gmem.at[g, cols, ks] if transpose_rhs else w_gmem.at[g, ks, cols]
+
         def load(info, s, x_dst, w_dst, barrier):
             _, mi, ni, g = info
-            rows, ks = pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(s * tk, tk)
-            cols = pl.ds(ni * out_n, out_n)
-            plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_dst, barrier)
-            for i, w_gmem in enumerate(w_gmems):
-                src = w_gmem.at[g, cols, ks] if transpose_rhs else w_gmem.at[g, ks, cols]
-                plgpu.copy_gmem_to_smem(src, w_dst.at[i], barrier)
+            rows, cols = pl.ds(mi * BLOCK_M, BLOCK_M), pl.ds(ni * out_n, out_n)
+            if len(xs) == 1:
+                ks = pl.ds(s * tk, tk)
+                plgpu.copy_gmem_to_smem(x_gmems[0].at[rows, ks], x_dst, barrier)
+                for i, w_gmem in enumerate(w_gmems):
+                    plgpu.copy_gmem_to_smem(w_tile(w_gmem, g, cols, ks), w_dst.at[i], barrier)
+                return
+            ks = pl.ds((s % part_steps) * tk, tk)
+            for i, (x_gmem, w_gmem) in enumerate(zip(x_gmems, w_gmems, strict=True)):
+
+                @pl.when(s // part_steps == i)
+                def _pair(x_gmem=x_gmem, w_gmem=w_gmem):
+                    plgpu.copy_gmem_to_smem(x_gmem.at[rows, ks], x_dst, barrier)
+                    plgpu.copy_gmem_to_smem(w_tile(w_gmem, g, cols, ks), w_dst.at[0], barrier)
 
         def mma(info, acc_ref, x_slot, w_slot):
-            for i in range(len(ws)):  # each weight's columns into its part of the tile
-                acc = acc_ref.at[:, pl.ds(i * out_n, out_n)] if len(ws) > 1 else acc_ref
+            for i in range(n_parts):  # each weight's columns into its part of the tile
+                acc = acc_ref.at[:, pl.ds(i * out_n, out_n)] if n_parts > 1 else acc_ref
                 rhs = w_slot.at[i].transpose((1, 0)) if transpose_rhs else w_slot.at[i]
                 plgpu.wgmma(acc, x_slot, rhs)
 
@@ -255,7 +287,7 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
             out_smem=plgpu.SMEM(
                 (2, slots, t.epi, t.epi), dtype, transforms=swizzled(t.epi, itemsize)
             ),
-            full=plgpu.Barrier(num_arrivals=1 + len(ws), num_barriers=t.stages),
+            full=plgpu.Barrier(num_arrivals=1 + n_parts, num_barriers=t.stages),
             consumed=plgpu.Barrier(num_barriers=t.stages),
             turn=plgpu.Barrier(num_barriers=2),
             **inputs_scratch,
@@ -291,7 +323,7 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
             pingpong(
                 num_local=local_tiles(used * n_iters), tile=tile, load=load, mma=mma,
                 store=store, stages=t.stages, a_smem=a_smem, b_smem=b_smem, full=full,
-                consumed=consumed, turn=turn, acc_shape=(BLOCK_M, tn), wait=t.wait * len(ws),
+                consumed=consumed, turn=turn, acc_shape=(BLOCK_M, tn), wait=t.wait * n_parts,
                 prefetch=prefetch if n_in else None,
             )  # fmt: skip
 
@@ -319,7 +351,7 @@ def _kernel(x, ws, block_group, num_used, transpose_rhs, t: Tiles, epilogue, out
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
     )
     used = jnp.reshape(num_used, (1,)).astype(jnp.int32)
-    return kernel(block_group.astype(jnp.int32), used, x, *ws, *epi_inputs)
+    return kernel(block_group.astype(jnp.int32), used, *xs, *ws, *epi_inputs)
 
 
-__all__ = ["gmm", "gmm_swiglu", "gmm_swiglu_bwd", "local_tiles", "pingpong"]
+__all__ = ["gmm", "gmm_sum_t", "gmm_swiglu", "gmm_swiglu_bwd", "local_tiles", "pingpong"]

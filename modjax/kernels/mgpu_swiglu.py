@@ -6,7 +6,9 @@ their epilogues, behind :func:`modjax.kernels.grouped_swiglu.swiglu_ffn` on a Ho
 * :func:`gmm_swiglu`: both input projections and ``h = silu(gate) * up``; each tile holds
   the same columns of both projections;
 * :func:`gmm_swiglu_bwd`: ``dh = dy @ w_out.T`` and the activation's backward, each
-  consumer warpgroup loading its tile's ``gate`` and ``up`` before its mainloop.
+  consumer warpgroup loading its tile's ``gate`` and ``up`` before its mainloop;
+* :func:`gmm_sum_t`: the input gradient ``d gate @ w_gate.T + d up @ w_up.T`` as one
+  contraction, one output instead of two and their sum.
 
 Their reference twins are ``grouped_matmul``'s gmm and ``grouped_swiglu``'s activation
 functions; ``tests/kernels/test_grouped_swiglu.py`` holds them equal on a GPU and checks
@@ -152,6 +154,69 @@ def check_swiglu_bwd(dy, w_out, gate, up, block_size: int, tiles: Tiles) -> None
         )
 
 
+#: the tiling of :func:`gmm_sum_t`
+SUM_T_TILES = PINGPONG_TILES.replace(minor="n")
+#: whether :func:`modjax.kernels.grouped_swiglu.swiglu_ffn` takes :func:`gmm_sum_t` for the
+#: input gradient where it fits (False: one gmm per projection and their sum)
+SUM_T = True
+
+
+def gmm_sum_t(
+    xs: tuple[Array, ...],
+    ws: tuple[Array, ...],
+    block_group: Array,
+    num_used: Array,
+    *,
+    block_size: int = BLOCK_M,
+    tiles: Tiles | None = None,
+) -> Array:
+    """``sum_i xs[i][b] @ ws[i][g].T`` for ``g = block_group[b]`` as one contraction
+    (:func:`modjax.kernels.mgpu_pingpong.gmm_sum_t`): the input gradient of projections
+    that share their input, one ``[M, N]`` output instead of one per projection and a sum.
+    Rows past ``num_used`` blocks are zero.
+
+    Args:
+      xs: ``[Nb * 128, K]`` arrays, bf16/f16 (e.g. SwiGLU's ``d gate`` and ``d up``).
+      ws: as many ``[G, N, K]`` arrays (e.g. ``w_gate`` and ``w_up``, ``[G, D, F]``).
+      tiles: a ping-pong :class:`Tiles` (default :data:`SUM_T_TILES`); the whole
+        contraction (``len(xs) * K``) must be whole turns of its ring.
+    """
+    t = tiles or SUM_T_TILES
+    check_gmm_sum_t(xs, ws, block_size, t)
+    from modjax.kernels import mgpu_pingpong
+
+    return mgpu_pingpong.gmm_sum_t(xs, ws, block_group, num_used, t)
+
+
+def check_gmm_sum_t(xs, ws, block_size: int, tiles: Tiles) -> None:
+    """Errors naming the argument for :func:`gmm_sum_t`, before anything is traced."""
+    if len(xs) != len(ws) or not xs:
+        raise ValueError(f"gmm_sum_t takes as many xs as ws, got {len(xs)} and {len(ws)}")
+    for name, arrays in (("xs", xs), ("ws", ws)):
+        if len({(a.shape, a.dtype) for a in arrays}) != 1:
+            got = [(a.shape, str(a.dtype)) for a in arrays]
+            raise ValueError(f"gmm_sum_t: the {name} must share one shape and dtype, got {got}")
+    if ws[0].ndim != 3 or ws[0].shape[2] != xs[0].shape[-1]:
+        raise ValueError(
+            f"gmm_sum_t: ws must be [G, N, K] with K = the xs' width {xs[0].shape[-1]}, got "
+            f"{ws[0].shape}"
+        )
+    if tiles.schedule != "pingpong":
+        raise ValueError(f"gmm_sum_t takes a ping-pong tiling, got schedule={tiles.schedule!r}")
+    x = xs[0]  # the kernel is a ping-pong gmm over the pairs' whole contraction: its checks
+    whole = jax.ShapeDtypeStruct((x.shape[0], x.shape[1] * len(xs)), x.dtype)
+    check(whole, jax.ShapeDtypeStruct((*ws[0].shape[:2], whole.shape[1]), ws[0].dtype),
+          block_size, True, tiles)  # fmt: skip
+
+
+def sum_t_fits(k: int, n: int, parts: int = 2) -> bool:
+    """Whether :func:`gmm_sum_t` (with :data:`SUM_T_TILES`) takes ``parts`` pairs of
+    contraction width ``K`` each and output width ``N``."""
+    t = SUM_T_TILES
+    steps = parts * k // t.tile_k
+    return SUM_T and k % t.tile_k == 0 and steps % (2 * t.stages) == 0 and n % t.tile_n == 0
+
+
 def swiglu_fits(k: int, f: int) -> bool:
     """Whether :func:`gmm_swiglu` (with :data:`SWIGLU_TILES`) takes an FFN of width ``K`` (=
     D) and hidden width ``F``, up to :data:`SWIGLU_MAX_K` (where it is the faster path)."""
@@ -170,14 +235,19 @@ def _fits(k: int, f: int, t: Tiles, f_multiple: int) -> bool:
 
 
 __all__ = [
+    "SUM_T",
+    "SUM_T_TILES",
     "SWIGLU_BWD_TILES",
     "SWIGLU_BWD_MAX_K",
     "SWIGLU_MAX_K",
     "SWIGLU_TILES",
+    "check_gmm_sum_t",
     "check_swiglu",
     "check_swiglu_bwd",
+    "gmm_sum_t",
     "gmm_swiglu",
     "gmm_swiglu_bwd",
+    "sum_t_fits",
     "swiglu_bwd_fits",
     "swiglu_fits",
 ]

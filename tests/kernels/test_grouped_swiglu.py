@@ -145,8 +145,12 @@ def test_fused_kernels_lower_for_cuda(monkeypatch):
     fast, _ = _losses(layout, 128, src, pos, "auto")
     text = fast.trace(x, ws).lower(lowering_platforms=("cuda",)).as_text()
     # forward: the projections with the activation, and the output projection; backward:
-    # dh with the activation's backward, two input gradients (K = F = 512) and three
-    # weight gradients
+    # dh with the activation's backward, the input gradient of both projections and
+    # three weight gradients
+    assert text.count("custom_call @mosaic_gpu") == 7, text.count("custom_call @mosaic_gpu")
+    monkeypatch.setattr(ms, "SUM_T", False)  # an input gradient per projection (K = 512)
+    fast, _ = _losses(layout, 128, src, pos, "auto")  # a new jit: the flag is read in tracing
+    text = fast.trace(x, ws).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("custom_call @mosaic_gpu") == 8, text.count("custom_call @mosaic_gpu")
 
 
@@ -174,6 +178,18 @@ def test_fused_kernels_errors_name_the_problem():
         ms.gmm_swiglu_bwd(xp[:, :256], wo[..., :256], h, h, g, u)
     with pytest.raises(ValueError, match="gmm_swiglu_bwd with tile_n=128 tile_k=64 stages=4 "):
         ms.gmm_swiglu_bwd(xp, wo, h, h, g, u, tiles=ms.SWIGLU_BWD_TILES.replace(tile_n=128))
+    with pytest.raises(ValueError, match="gmm_sum_t takes as many xs as ws, got 2 and 1"):
+        ms.gmm_sum_t((h, h), (wg,), g, u)
+    with pytest.raises(ValueError, match="gmm_sum_t: the ws must share one shape and dtype"):
+        ms.gmm_sum_t((h, h), (wg, wg[..., :128]), g, u)
+    with pytest.raises(ValueError, match=r"ws must be \[G, N, K\] with K = the xs' width 256"):
+        ms.gmm_sum_t((h, h), (wo, wo), g, u)  # [G, F, D]: the weights not transposed
+    with pytest.raises(ValueError, match="gmm_sum_t takes a ping-pong tiling"):
+        ms.gmm_sum_t((h, h), (wg, wu), g, u, tiles=bg.TILES)
+    with pytest.raises(ValueError, match=r"'pingpong' needs K/tile_k = 4 a multiple of"):
+        ms.gmm_sum_t((h[:, :128], h[:, :128]), (wg[..., :128], wu[..., :128]), g, u)
+    assert ms.sum_t_fits(1024, 2048) and ms.sum_t_fits(2048, 512)  # OLMoE, small
+    assert not ms.sum_t_fits(1024, 200) and not ms.sum_t_fits(96, 512)
 
 
 @pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
@@ -217,6 +233,25 @@ def test_gmm_swiglu_bwd_matches_reference_on_gpu(kind, tiles):
                                                tiles=tiles))(dy, wo, gate, up)  # fmt: skip
     want = gs.swiglu_grad(mm(dy, wo, transpose_rhs=True), gate, up)
     _assert_outputs(got, want, layout)
+
+
+@pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
+@pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
+@pytest.mark.parametrize(
+    "tiles", [None, ms.SUM_T_TILES.replace(minor="m"), ms.SUM_T_TILES.replace(tile_n=64)],
+    ids=["default", "minor-m", "n64"],
+)  # fmt: skip
+def test_gmm_sum_t_matches_reference_on_gpu(kind, tiles):
+    _, src, layout, x, (wg, wu, _) = _case(kind, m=3000, d=256, f=512, g=8, bs=128,
+                                           dtype=jnp.bfloat16)  # fmt: skip
+    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+    mm = functools.partial(gm.gmm, layout=layout, block_size=128, impl="reference")
+    dgate, dup = mm(xp, wg), mm(xp, wu)  # two [rows, F] operands
+    got = jax.jit(lambda *a: ms.gmm_sum_t(a[:2], a[2:], layout.block_group,
+                                          layout.group_start[-1], tiles=tiles))(
+        dgate, dup, wg, wu)  # fmt: skip
+    want = mm(dgate, wg, transpose_rhs=True) + mm(dup, wu, transpose_rhs=True)
+    _assert_outputs((got,), (want,), layout)
 
 
 @pytest.mark.skipif(not GPU, reason="Mosaic GPU kernels need a Hopper GPU (MODJAX_GPU_TESTS=1)")
