@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from modjax.kernels import grouped_matmul as gm
 from modjax.typing import Array
 
-#: take the fused Hopper kernel where it applies (False: two gmm and the activation, the
-#: A/B baseline ``benchmarks/moe_layer.py``'s ``dropless+unfused`` traces)
+#: take the fused Hopper kernels where they apply (False: the grouped matmuls and the
+#: activation as XLA ops, the A/B baseline ``benchmarks/moe_layer.py``'s ``dropless+unfused``)
 FUSE = True
 
 

@@ -6,6 +6,11 @@ the two consumer warpgroups compute whole ``128 x tile_n`` tiles in strict turns
 shared ring of operand slots, so one's epilogue runs beside the other's mainloop
 (:func:`pingpong`). Its checks, tiles and epilogue are ``mgpu_block_gmm``'s; the reference
 twin and tests are that module's (``tests/kernels/test_mgpu_block_gmm.py``).
+
+The same kernel (:func:`_kernel`) also takes two weights side by side in a tile, pairs of
+operands summed in one contraction, and inputs its epilogue reads: the SwiGLU kernels of
+:mod:`modjax.kernels.mgpu_swiglu` (:func:`gmm_swiglu`, :func:`gmm_swiglu_bwd`,
+:func:`gmm_sum_t`; their checks and tests are that module's).
 """
 
 from __future__ import annotations
@@ -145,7 +150,7 @@ def gmm_swiglu(x, w_gate, w_up, block_group, num_used, t: Tiles):
     of ``up`` (its weight slot is loaded from the two weights, half each), so the epilogue
     has both in registers: it stores ``h`` beside the two projections the backward needs,
     and the activation costs no pass over memory of its own. Checks are the caller's
-    (:func:`modjax.kernels.mgpu_block_gmm.check_swiglu`).
+    (:func:`modjax.kernels.mgpu_swiglu.check_swiglu`).
     """
     from modjax.kernels.grouped_swiglu import swiglu
 
@@ -167,7 +172,7 @@ def gmm_swiglu_bwd(dy, w_out, gate, up, block_group, num_used, t: Tiles):
     Each consumer warpgroup loads its tile's ``gate`` and ``up`` tiles with TMA before its
     mainloop (:func:`pingpong`'s ``prefetch``), so ``dh`` never makes a round trip through
     memory and the activation's backward no pass of its own. Checks are the caller's
-    (:func:`modjax.kernels.mgpu_block_gmm.check_swiglu_bwd`).
+    (:func:`modjax.kernels.mgpu_swiglu.check_swiglu_bwd`).
     """
     from modjax.kernels.grouped_swiglu import swiglu_grad
 

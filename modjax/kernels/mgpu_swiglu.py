@@ -32,8 +32,9 @@ from modjax.typing import Array
 #: the tiling of :func:`gmm_swiglu`: ping-pong tiles of 64 ``gate`` and 64 ``up`` columns
 SWIGLU_TILES = PINGPONG_TILES.replace(minor="n")
 #: :func:`swiglu_fits` takes contractions up to this wide: on the H200 the fused forward
-#: gained 3-5% at K = 512 and 2048 (small, OLMoE) and lost 4% at K = 4096 (Mixtral),
-#: where the ping-pong schedule trails the cooperative one (``benchmarks/RESULTS.md``)
+#: gained 3% of the layer's forward at K = 2048 (OLMoE: 3.61-3.66 against 3.76-3.78 ms)
+#: and lost 4% at K = 4096 (Mixtral: 19.81 against 19.02), where the ping-pong schedule
+#: trails the cooperative one (``benchmarks/RESULTS.md``, ninth session)
 SWIGLU_MAX_K = 2048
 
 
@@ -59,7 +60,7 @@ def gmm_swiglu(
     Args:
       x: ``[Nb * 128, K]`` bf16/f16.
       w_gate, w_up: ``[G, K, F]``, x's dtype.
-      block_group, num_used: as :func:`gmm`.
+      block_group, num_used: as :func:`modjax.kernels.mgpu_block_gmm.gmm`.
       tiles: a ping-pong :class:`Tiles` (default :data:`SWIGLU_TILES`); each tile holds
         ``tile_n / 2`` columns of both projections, so F must be a multiple of that.
 
@@ -95,9 +96,10 @@ def check_swiglu(x: Array, w_gate: Array, w_up: Array, block_size: int, tiles: T
 #: the tiling of :func:`gmm_swiglu_bwd`: ping-pong tiles of 64 columns (each consumer
 #: also holds its tile's ``gate`` and ``up`` in shared memory)
 SWIGLU_BWD_TILES = PINGPONG_TILES.replace(tile_n=64, minor="n")
-#: :func:`swiglu_bwd_fits` takes contractions up to this wide: on the H200 the fused
-#: backward gained ~5% of the layer's fwd+bwd at K = 512 (small) and lost ~3% at K = 2048
-#: (OLMoE), where its 64-wide tiles trail the cooperative gmm (``benchmarks/RESULTS.md``)
+#: :func:`swiglu_bwd_fits` takes contractions up to this wide: on the H200 the layer's
+#: fwd+bwd took 1.060 ms with the fused backward against 1.073 without at K = 512
+#: (small), and 10.46 against 10.04 at K = 2048 (OLMoE), where its 64-wide tiles trail
+#: the cooperative gmm (``benchmarks/RESULTS.md``, ninth session)
 SWIGLU_BWD_MAX_K = 1024
 
 
