@@ -32,14 +32,17 @@
 #   SWEEP=block bash benchmarks/h200_sweep.sh     # modjax's block kernels (~6 min): their
 #     GPU tests, the weight-gradient kernel's sweep against jax's at the three shapes, and
 #     the block gmm's profile
-#   SWEEP=tests bash benchmarks/h200_sweep.sh     # every GPU test (bf16 tolerances) in one
-#     call of up to 9 minutes, with per-test durations (the train sweep's 300 s share no
-#     longer covers them all)
-#   SWEEP=ab METHODS=dropless,dropless+count bash benchmarks/h200_sweep.sh   # an A/B of
+#   SWEEP=tests PART=1 bash benchmarks/h200_sweep.sh   # the GPU tests (bf16 tolerances),
+#     with per-test durations, in two calls of up to 9 minutes: PART=1 the kernels
+#     (tests/kernels), PART=2 the layers, computations and the cuDNN attention check (the
+#     ninth session's 72 of them took ~320 s after compiles)
+#   SWEEP=ab METHODS=dropless,dropless+sort bash benchmarks/h200_sweep.sh   # an A/B of
 #     layer variants (moe_layer.py's VARIANTS) interleaved in one process at the three
 #     shapes (moe_interleaved.py, ~4 min; sequential timings drift by a few percent);
 #     METHODS=dropless,dropless+coop times the ping-pong default of short contractions
-#     against the chained cooperative pipelines it replaced
+#     against the chained cooperative pipelines it replaced, and
+#     METHODS=dropless,dropless+unfused the SwiGLU kernels against two gmm and XLA's
+#     activation (dropless+bwdall, +bwdnone, +nosum: the backward's kernels one by one)
 #   SWEEP=cluster bash benchmarks/h200_sweep.sh   # the block gmm in 2-CTA clusters (x tiles
 #     multicast; ~7 min): its GPU tests, its sweep against the default tilings, and the
 #     layer with it (dropless+cluster) beside the default and the dense FFN
@@ -111,15 +114,16 @@ if [[ "${SWEEP:-train}" == ep ]]; then
 fi
 if [[ "${SWEEP:-train}" == tests ]]; then
   MODJAX_GPU_TESTS=1 JAX_PLATFORMS=cuda timeout 540 python3 -m pytest -q -p no:cacheprovider \
-    -rf --durations 15 tests/kernels tests/layers/test_moe.py tests/computation \
-    "tests/models/test_models.py::test_attention_auto_is_cudnn_on_gpu_and_matches_xla_bf16" \
-    > "$OUT/gpu_tests.log" 2>&1
+    -rf --durations 15 $(if [[ "${PART:-1}" == 1 ]]; then echo tests/kernels; else
+      echo tests/layers/test_moe.py tests/computation \
+      "tests/models/test_models.py::test_attention_auto_is_cudnn_on_gpu_and_matches_xla_bf16"
+    fi) > "$OUT/gpu_tests.log" 2>&1
   cat "$OUT/env.txt"; grep -E "^FAILED|passed|failed" "$OUT/gpu_tests.log" | tail -20
   exit 0
 fi
 if [[ "${SWEEP:-train}" == ab ]]; then
   timeout 540 python3 benchmarks/moe_interleaved.py --shapes small,olmoe,mixtral \
-    --methods "${METHODS:-dropless,dropless+count}" --rounds 6 --iters 5 > "$OUT/ab.log" 2>&1
+    --methods "${METHODS:-dropless,dropless+unfused}" --rounds 6 --iters 5 > "$OUT/ab.log" 2>&1
   cat "$OUT/env.txt"; grep -v "^$" "$OUT/ab.log"
   exit 0
 fi

@@ -358,9 +358,12 @@ def main(argv=None):
         "weight-gradient kernel (Hopper; block is the default); dropless+cluster runs the "
         "block gmm in 2-CTA clusters; dropless+grouped the three grouped matmuls where "
         "the CPU would fuse them; dropless+scan the layout's block groups by a while loop; "
-        "dropless+count the layout's ranks by a running count, not a sort; "
-        "dropless+pingpong the block gmm's ping-pong schedule at every K; dropless+coop "
-        "short contractions cooperative (chained)",
+        "dropless+count / +sort the layout's ranks by a running count or a sort (the "
+        "default counts on a GPU); dropless+pingpong the block gmm's ping-pong schedule at "
+        "every K; dropless+coop short contractions cooperative (chained); dropless+unfused "
+        "SwiGLU's activation as XLA's own pass (Hopper's default has it in the kernels); "
+        "dropless+bwdall / +bwdnone the fused backward kernel at every width or none; "
+        "dropless+nosum the input gradient as two gmm and a sum",
     )
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--out", help="also append the tables to this file")
