@@ -135,9 +135,8 @@ def expert_ffn_blocks(
     Three grouped matmuls with the activation between them (SwiGLU's as one op,
     :func:`modjax.kernels.grouped_swiglu.swiglu_ffn`, whose activation lives in the
     kernels' epilogues on a Hopper GPU); where the grouped matmuls would be XLA loops (off
-    the GPU),
-    one fused loop over blocks instead (:mod:`modjax.kernels.xla_expert_ffn`, the same
-    function).
+    the GPU), one fused loop over blocks instead (:mod:`modjax.kernels.xla_expert_ffn`, the
+    same function).
     """
     names = _check_activation(activation)
     if gm.runs_on_xla(impl):

@@ -134,8 +134,8 @@ def sort_to_blocks(
         assignments) join no group, so no block holds them and the kernels skip the
         blocks they would have filled; their ``position`` is 0 (mask their outputs).
       ranks: ``"sort"``, ``"count"`` or ``"auto"``, how rows are ranked inside their
-        group (the same result; default :data:`LAYOUT_RANKS`). ``"count"`` holds an int32 ``[M, G]``
-        running count.
+        group (the same result; default :data:`LAYOUT_RANKS`). ``"count"`` holds an int32
+        ``[M, G]`` running count.
 
     Returns:
       ``(position, source, layout)``: int32 ``[M]`` padded row of each row; int32
