@@ -268,6 +268,7 @@ def gmm(
     transpose_rhs: bool = False,
     tiles: Tiles | None = None,
     profile_dir: str | None = None,
+    interpret: bool = False,
 ) -> Array:
     """``out[b] = x[b] @ w[block_group[b]]`` for the first ``num_used`` blocks of 128 rows.
 
@@ -282,12 +283,18 @@ def gmm(
         ``epilogue`` spans with Mosaic GPU's on-device profiler (:data:`PROFILE_SPANS`
         per warpgroup, in shared memory) and write a Chrome trace per call to this
         directory (``benchmarks/block_gmm_profile.py`` reads it).
+      interpret: run the kernel in jax's Mosaic GPU interpreter (any backend; for tests),
+        in :data:`INTERPRET_PROGRAMS` programs. That interpreter (jax 0.10) takes the
+        cooperative schedule without transposed operands or clusters only (see
+        :func:`check_interpret`).
     """
     import jax.experimental.pallas as pl
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     t = tiles or default_tiles(x.shape[1])
     check(x, w, block_size, transpose_rhs, t)
+    if interpret:
+        check_interpret(t, transpose_rhs, profile_dir)
     if t.schedule == "pingpong":
         if profile_dir:
             raise ValueError("profile_dir is for the cooperative schedule only")
@@ -421,7 +428,8 @@ def gmm(
     kernel = plgpu.kernel(
         body,
         out_type=jax.ShapeDtypeStruct((m, n), dtype),
-        grid=(num_sms() // t.cluster,),
+        grid=(INTERPRET_PROGRAMS if interpret else num_sms() // t.cluster,),
+        **(dict(interpret=interpreter()) if interpret else {}),
         grid_names=("sm",),
         **(dict(cluster=(t.cluster,), cluster_names=("cluster",)) if clustered else {}),
         num_threads=3,
@@ -433,6 +441,35 @@ def gmm(
     )
     used = jnp.reshape(num_used, (1,)).astype(jnp.int32)
     return kernel(block_group.astype(jnp.int32), used, x, w)
+
+
+#: programs of an interpreted :func:`gmm` (each simulates its three warpgroups on the host)
+INTERPRET_PROGRAMS = 2
+
+
+def interpreter():
+    """The parameters of jax's Mosaic GPU interpreter (kernels simulated on the host, with
+    shared memory, TMA copies, barriers and ``wgmma``), for ``plgpu.kernel(interpret=)``."""
+    try:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+    except ImportError as e:  # the module is private; older or newer jax may move it
+        raise ValueError(
+            f"interpret=True needs jax's Mosaic GPU interpreter, not found in jax {jax.__version__}"
+        ) from e
+    return InterpretGPUParams()
+
+
+def check_interpret(t: Tiles, transpose_rhs: bool, profile_dir) -> None:
+    """What the Mosaic GPU interpreter takes (jax 0.10): no transposed ``wgmma`` operands
+    (it has no ``TransposeTransform``), no clusters or profiler; and no ping-pong schedule,
+    whose consumers wait on a shared ring's slots by parity and skip the other's phases
+    (the interpreter requires every waiter to observe every phase of a barrier)."""
+    if t.schedule == "pingpong" or transpose_rhs or t.cluster != 1 or profile_dir:
+        raise ValueError(
+            f"interpret=True takes the cooperative schedule without transpose_rhs, clusters "
+            f"or profile_dir; got schedule={t.schedule!r} transpose_rhs={transpose_rhs} "
+            f"cluster={t.cluster} profile_dir={profile_dir!r}"
+        )
 
 
 def store_pieces(out, dst, out_smem, epi: int, slots: int) -> None:
@@ -628,6 +665,7 @@ __all__ = [
     "BLOCK_M",
     "CHAIN_MAX_K",
     "DTYPES",
+    "INTERPRET_PROGRAMS",
     "PINGPONG_TILES",
     "PROFILE_SPANS",
     "SHORT_K_SCHEDULE",
@@ -637,10 +675,12 @@ __all__ = [
     "T_TILES",
     "Tiles",
     "check",
+    "check_interpret",
     "check_operands",
     "default_tiles",
     "fits",
     "gmm",
+    "interpreter",
     "num_sms",
     "pingpong_smem",
     "store_pieces",
