@@ -122,3 +122,14 @@ def test_schedule_variants_pick_the_block_gmm_tiles_and_restore_them():
         assert bg.default_tiles(2048) == bg.PINGPONG_TILES  # ping-pong at every K...
         assert bg.default_tiles(640) == bg.TILES  # ...its ring allows (10 steps: it does not)
     assert bg.default_tiles(2048) == bg.TILES and bg.SHORT_K_SCHEDULE == "pingpong"
+
+
+def test_swiglu_variants_switch_the_fused_kernels_and_restore_them():
+    gs, ms = moe_layer.gs, moe_layer.ms
+    defaults = (gs.FUSE, ms.SWIGLU_BWD_MAX_K, ms.SUM_T)
+    assert defaults == (True, 1024, True)
+    for name, want in [("unfused", (False, 1024, True)), ("bwdall", (True, 1 << 30, True)),
+                       ("bwdnone", (True, 0, True)), ("nosum", (True, 1024, False))]:  # fmt: skip
+        with moe_layer.VARIANTS[name]():
+            assert (gs.FUSE, ms.SWIGLU_BWD_MAX_K, ms.SUM_T) == want, name
+        assert (gs.FUSE, ms.SWIGLU_BWD_MAX_K, ms.SUM_T) == defaults

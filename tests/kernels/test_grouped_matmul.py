@@ -97,7 +97,9 @@ def test_sort_to_blocks_ranks_by_count_equal_ranks_by_sort(kind):
 
 
 def test_layout_ranks_auto_counts_on_a_gpu_and_sorts_elsewhere(monkeypatch):
-    assert gm.LAYOUT_RANKS == "auto" and gm._layout_ranks(None) == "sort"  # this CPU
+    assert gm.LAYOUT_RANKS == "auto"
+    monkeypatch.setattr(gm, "_on_gpu", lambda: False)  # e.g. this CPU
+    assert gm._layout_ranks(None) == "sort"
     monkeypatch.setattr(gm, "_on_gpu", lambda: True)
     assert gm._layout_ranks(None) == "count" and gm._layout_ranks("sort") == "sort"
 
