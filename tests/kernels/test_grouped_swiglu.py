@@ -199,13 +199,20 @@ def test_fused_kernels_errors_name_the_problem():
     ids=["default", "minor-m", "wait0"],
 )  # fmt: skip
 def test_gmm_swiglu_matches_reference_on_gpu(kind, tiles):
-    _, src, layout, x, (wg, wu, _) = _case(kind, m=3000, d=512, f=384, g=8, bs=128,
-                                           dtype=jnp.bfloat16)  # fmt: skip
-    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+    layout, xp, (wg, wu, _), mm = _gpu_case(kind, d=512, f=384)
     h, gate, up = jax.jit(lambda *a: ms.gmm_swiglu(*a, layout.block_group, layout.group_start[-1],
                                                    tiles=tiles))(xp, wg, wu)  # fmt: skip
-    want_gate, want_up = (gm.gmm(xp, w, layout, block_size=128, impl="reference") for w in (wg, wu))
+    want_gate, want_up = mm(xp, wg), mm(xp, wu)
     _assert_outputs((h, gate, up), (gs.swiglu(want_gate, want_up), want_gate, want_up), layout)
+
+
+def _gpu_case(kind, d, f):
+    """A bf16 case for the kernels: ``(layout, xp, (w_gate, w_up, w_out), mm)``, ``mm`` the
+    reference grouped matmul on its layout."""
+    _, src, layout, x, ws = _case(kind, m=3000, d=d, f=f, g=8, bs=128, dtype=jnp.bfloat16)
+    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
+    mm = functools.partial(gm.gmm, layout=layout, block_size=128, impl="reference")
+    return layout, xp, ws, mm
 
 
 def _assert_outputs(got, want, layout):
@@ -223,10 +230,7 @@ def _assert_outputs(got, want, layout):
     ids=["default", "minor-m", "wait0"],
 )  # fmt: skip
 def test_gmm_swiglu_bwd_matches_reference_on_gpu(kind, tiles):
-    _, src, layout, x, (wg, wu, wo) = _case(kind, m=3000, d=512, f=384, g=8, bs=128,
-                                            dtype=jnp.bfloat16)  # fmt: skip
-    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
-    mm = functools.partial(gm.gmm, layout=layout, block_size=128, impl="reference")
+    layout, xp, (wg, wu, wo), mm = _gpu_case(kind, d=512, f=384)
     gate, up = mm(xp, wg), mm(xp, wu)
     dy = (xp * 0.5).astype(xp.dtype)  # a cotangent of the FFN's output, [rows, D]
     got = jax.jit(lambda *a: ms.gmm_swiglu_bwd(*a, layout.block_group, layout.group_start[-1],
@@ -242,10 +246,7 @@ def test_gmm_swiglu_bwd_matches_reference_on_gpu(kind, tiles):
     ids=["default", "minor-m", "n64"],
 )  # fmt: skip
 def test_gmm_sum_t_matches_reference_on_gpu(kind, tiles):
-    _, src, layout, x, (wg, wu, _) = _case(kind, m=3000, d=256, f=512, g=8, bs=128,
-                                           dtype=jnp.bfloat16)  # fmt: skip
-    xp = jnp.take(x, src, axis=0, mode="fill", fill_value=0)
-    mm = functools.partial(gm.gmm, layout=layout, block_size=128, impl="reference")
+    layout, xp, (wg, wu, _), mm = _gpu_case(kind, d=256, f=512)
     dgate, dup = mm(xp, wg), mm(xp, wu)  # two [rows, F] operands
     got = jax.jit(lambda *a: ms.gmm_sum_t(a[:2], a[2:], layout.block_group,
                                           layout.group_start[-1], tiles=tiles))(
