@@ -227,7 +227,7 @@ def _dropless(x, routing, params, activation, block_size, impl, interpret):
     position, source, layout = gm.sort_to_blocks(ids, routing.num_experts, block_size, kept)
     # Padded row p holds token source[p] // K (zeros for padding); both moves have
     # gather-only gradients (no scatter-adds).
-    xp = gm.to_blocks(x, source, position, kept, k)
+    xp = gm.to_blocks(x, source, position, kept, k, impl=impl, interpret=interpret)
     yp = expert_ffn_blocks(
         xp,
         params,
@@ -237,7 +237,9 @@ def _dropless(x, routing, params, activation, block_size, impl, interpret):
         impl=impl,
         interpret=interpret,
     )
-    return gm.combine_from_blocks(yp, routing.weight, position, source, kept, x.dtype)
+    return gm.combine_from_blocks(
+        yp, routing.weight, position, source, kept, x.dtype, impl=impl, interpret=interpret
+    )
 
 
 def _batched_expert_ffn(xb: Array, params: PyTree, activation: str) -> Array:

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from modjax.kernels import mgpu_gmm
+from modjax.kernels import mgpu_gmm, pallas_rows
 from modjax.typing import Array
 
 IMPLS = ("auto", "reference", "xla", "pallas", "mgpu")
@@ -212,17 +212,82 @@ def from_blocks_reference(yp, position, source, valid):
     return jnp.where(valid[:, None], jnp.take(yp, position, axis=0), 0).astype(yp.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _to_blocks(x, source, position, valid, k):
-    return to_blocks_reference(x, source, position, valid, k)
+#: whether ``impl="auto"`` moves rows into the layout with the Pallas kernel
+#: :func:`pallas_rows.scatter_rows` on a GPU (the layout's input and the combine's
+#: gradient; off: XLA's gathers, the benchmarks' ``+xlarows`` variant). On the H200 it ran
+#: those moves 1.2-1.6x faster than XLA's gathers (``benchmarks/row_moves.py``).
+ROW_KERNELS = True
+#: whether ``impl="auto"`` also sums rows out of the layout with
+#: :func:`pallas_rows.gather_sum` (the combine, and the layout input's gradient). Off: on
+#: the H200 XLA's gathers ran as fast or faster at OLMoE's shape (~2.1 against at most
+#: ~1.95 TB/s over the kernel's tilings), so ``"auto"`` keeps them.
+GATHER_KERNELS = False
 
 
-def _to_blocks_fwd(x, source, position, valid, k):
-    return _to_blocks(x, source, position, valid, k), (position, valid)
+class _RowModes(NamedTuple):
+    """How each direction of the row moves runs: ``"xla"`` (the gathers below),
+    ``"pallas"`` (:mod:`modjax.kernels.pallas_rows` compiled) or ``"interpret"``."""
+
+    scatter: str
+    gather: str
 
 
-def _to_blocks_bwd(k, res, g):
+def _row_modes(impl: str, interpret: bool, a: Array) -> _RowModes:
+    """The row moves' :class:`_RowModes` for ``impl`` and rows like ``a``.
+
+    ``"auto"`` takes the kernels on a GPU as :data:`ROW_KERNELS` and
+    :data:`GATHER_KERNELS` say; ``"pallas"`` and ``"mgpu"`` take both on a GPU, or in
+    interpret mode with ``interpret``. Rows that are not float or not a multiple of 16
+    wide (:func:`pallas_rows.fits`) always move by XLA's gathers.
+    """
+    if impl in ("xla", "reference") or not pallas_rows.fits(a.shape[-1]):
+        return _RowModes("xla", "xla")
+    if not jnp.issubdtype(a.dtype, jnp.floating):
+        return _RowModes("xla", "xla")
+    if impl != "auto":
+        if interpret:
+            return _RowModes("interpret", "interpret")
+        return _RowModes("pallas", "pallas") if _on_gpu() else _RowModes("xla", "xla")
+    if not _on_gpu():
+        return _RowModes("xla", "xla")
+    on = lambda flag: "pallas" if flag else "xla"
+    return _RowModes(on(ROW_KERNELS), on(ROW_KERNELS and GATHER_KERNELS))
+
+
+def _assignments(position: Array, valid: Array, k: int) -> Array:
+    """``[T, k]`` padded row of each assignment, ``-1`` where not placed."""
+    return jnp.where(valid, position, -1).reshape(-1, k)
+
+
+def _scatter(x, position, valid, source, k, mode, scale=None, dot_with=None, out_dtype=None):
+    return pallas_rows.scatter_rows(
+        x, _assignments(position, valid, k), source, scale, dot_with=dot_with,
+        out_dtype=out_dtype, interpret=mode == "interpret",
+    )  # fmt: skip
+
+
+def _gather_sum(yp, position, valid, k, mode, scale=None, out_dtype=None):
+    pos = _assignments(position, valid, k)
+    return pallas_rows.gather_sum(
+        yp, pos, scale, out_dtype=out_dtype, interpret=mode == "interpret"
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _to_blocks(x, source, position, valid, k, modes):
+    if modes.scatter == "xla":
+        return to_blocks_reference(x, source, position, valid, k)
+    return _scatter(x, position, valid, source, k, modes.scatter)
+
+
+def _to_blocks_fwd(x, source, position, valid, k, modes):
+    return _to_blocks(x, source, position, valid, k, modes), (position, valid)
+
+
+def _to_blocks_bwd(k, modes, res, g):
     position, valid = res
+    if modes.gather != "xla":
+        return _gather_sum(g, position, valid, k, modes.gather), None, None, None
     rows = jnp.where(valid[:, None], jnp.take(g, position, axis=0), 0)  # [T*k, D]
     dx = rows.reshape(-1, k, g.shape[1]).sum(axis=1, dtype=jnp.float32).astype(g.dtype)
     return dx, None, None, None
@@ -258,20 +323,27 @@ def combine_from_blocks_reference(yp, weight, position, source, valid, dtype):
     return out.astype(dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _combine_from_blocks(yp, weight, position, source, valid, dtype):
-    return combine_from_blocks_reference(yp, weight, position, source, valid, dtype)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _combine_from_blocks(yp, weight, position, source, valid, dtype, modes):
+    if modes.gather == "xla":
+        return combine_from_blocks_reference(yp, weight, position, source, valid, dtype)
+    k = weight.shape[1]
+    return _gather_sum(yp, position, valid, k, modes.gather, weight.astype(yp.dtype), dtype)
 
 
-def _combine_from_blocks_fwd(yp, weight, position, source, valid, dtype):
-    out = _combine_from_blocks(yp, weight, position, source, valid, dtype)
+def _combine_from_blocks_fwd(yp, weight, position, source, valid, dtype, modes):
+    out = _combine_from_blocks(yp, weight, position, source, valid, dtype, modes)
     return out, (yp, weight, position, source, valid)
 
 
-def _combine_from_blocks_bwd(dtype, res, dy):
+def _combine_from_blocks_bwd(dtype, modes, res, dy):
     yp, weight, position, source, valid = res
     t, k = weight.shape
     f32 = jnp.float32
+    if modes.scatter != "xla":
+        w = weight.astype(yp.dtype)
+        dyp, dw = _scatter(dy, position, valid, source, k, modes.scatter, w, yp, yp.dtype)
+        return dyp, dw.astype(weight.dtype), None, None, None
     # each padded row's gradient straight from its token's: no [T, k, D] buffer between
     w_row = jnp.take(weight.astype(yp.dtype).reshape(-1), source, mode="fill", fill_value=0)
     dy_row = jnp.take(dy, source // k, axis=0, mode="fill", fill_value=0)
@@ -285,7 +357,15 @@ _combine_from_blocks.defvjp(_combine_from_blocks_fwd, _combine_from_blocks_bwd)
 
 
 def combine_from_blocks(
-    yp: Array, weight: Array, position: Array, source: Array, valid: Array, dtype=None
+    yp: Array,
+    weight: Array,
+    position: Array,
+    source: Array,
+    valid: Array,
+    dtype=None,
+    *,
+    impl: str = "auto",
+    interpret: bool = False,
 ) -> Array:
     """The MoE combine out of the block-padded layout: ``[P, D]`` rows and ``[T, k]``
     weights to ``[T, D]``, ``y[t] = sum_j weight[t, j] * yp[position[t*k + j]]`` over the
@@ -306,7 +386,9 @@ def combine_from_blocks(
         )
     if source.shape != (yp.shape[0],):
         raise ValueError(f"source {source.shape} must be [P] = [{yp.shape[0]}]")
-    return _combine_from_blocks(yp, weight, position, source, valid, jnp.dtype(dtype or yp.dtype))
+    modes = _row_modes(_check_impl(impl), interpret, yp)
+    dtype = jnp.dtype(dtype or yp.dtype)
+    return _combine_from_blocks(yp, weight, position, source, valid, dtype, modes)
 
 
 def inverse_permutation(perm: Array) -> Array:
@@ -322,10 +404,19 @@ def permute_rows(x: Array, perm: Array, inverse: Array | None = None) -> Array:
         raise ValueError(f"perm must be a permutation of x's {x.shape[0]} rows, got {perm.shape}")
     if inverse is None:
         inverse = inverse_permutation(perm)
-    return _to_blocks(x, perm, inverse, jnp.ones(perm.shape, bool), 1)
+    return _to_blocks(x, perm, inverse, jnp.ones(perm.shape, bool), 1, _RowModes("xla", "xla"))
 
 
-def to_blocks(x: Array, source: Array, position: Array, valid: Array, k: int = 1) -> Array:
+def to_blocks(
+    x: Array,
+    source: Array,
+    position: Array,
+    valid: Array,
+    k: int = 1,
+    *,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> Array:
     """Rows of ``x [T, D]`` into the block-padded layout ``[P, D]`` of ``sort_to_blocks``.
 
     Row ``i`` of the layout's input (``i`` in ``[0, T*k)``, ``k`` assignments per row of
@@ -337,7 +428,7 @@ def to_blocks(x: Array, source: Array, position: Array, valid: Array, k: int = 1
             f"position {position.shape} and valid {valid.shape} must be [T*k] = "
             f"[{x.shape[0] * k}] for x {x.shape}, k={k}"
         )
-    return _to_blocks(x, source, position, valid, k)
+    return _to_blocks(x, source, position, valid, k, _row_modes(_check_impl(impl), interpret, x))
 
 
 def from_blocks(yp: Array, position: Array, source: Array, valid: Array) -> Array:
