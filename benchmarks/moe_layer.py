@@ -165,6 +165,9 @@ def _variants():
         # the forward/input-gradient gmm in ping-pong wherever its ring allows, at every K
         # (what default_tiles does up to CHAIN_MAX_K)
         "pingpong": lambda: patched(bg, CHAIN_MAX_K=1 << 30),
+        # the row moves (the layout's input, the combine, their gradients) as XLA's
+        # gathers (the default on a GPU: modjax.kernels.pallas_rows' Triton kernels)
+        "xlarows": lambda: patched(gm, ROW_KERNELS=False),
     }
 
 

@@ -133,3 +133,11 @@ def test_swiglu_variants_switch_the_fused_kernels_and_restore_them():
         with moe_layer.VARIANTS[name]():
             assert (gs.FUSE, ms.SWIGLU_BWD_MAX_K, ms.SUM_T) == want, name
         assert (gs.FUSE, ms.SWIGLU_BWD_MAX_K, ms.SUM_T) == defaults
+
+
+def test_xlarows_variant_switches_the_row_kernels_off_and_restores_them():
+    gm = moe_layer.gm
+    assert gm.ROW_KERNELS and not gm.GATHER_KERNELS
+    with moe_layer.VARIANTS["xlarows"]():
+        assert not gm.ROW_KERNELS
+    assert gm.ROW_KERNELS
