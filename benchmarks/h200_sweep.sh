@@ -25,6 +25,9 @@
 #     table of the three shapes (the default impl="auto", all-Pallas, all-Mosaic-GPU
 #     and the fused-input-projection experiment for comparison), the mgpu GPU tests, and
 #     the gather-only row moves against scatter-add gradients (block_moves.py)
+#   SWEEP=rows bash benchmarks/h200_sweep.sh      # the row-move kernels against XLA's
+#     gathers at the three shapes (row_moves.py, ~2 min; its --sweep of their tilings takes
+#     ~8 min for one shape, as its own call)
 #   SWEEP=moeprof bash benchmarks/h200_sweep.sh   # where the dropless layer's time goes
 #     (~3 min): traces of dense and dropless fwd+bwd at the three shapes, tabled by op
 #   SWEEP=tiles bash benchmarks/h200_sweep.sh     # the grouped-matmul kernel tile sweep
@@ -64,6 +67,11 @@ if [[ "${SWEEP:-train}" == tiles ]]; then
   timeout 540 python3 benchmarks/gmm_tiles.py --shapes olmoe,mixtral,small --budget 480 \
     --out "$OUT/gmm_tiles.jsonl" > "$OUT/gmm_tiles.log" 2>&1
   cat "$OUT/env.txt"; sed -n '/^device/,$p' "$OUT/gmm_tiles.log"
+  exit 0
+fi
+if [[ "${SWEEP:-train}" == rows ]]; then
+  timeout 300 python3 benchmarks/row_moves.py --iters 30 > "$OUT/row_moves.log" 2>&1
+  cat "$OUT/env.txt"; cat "$OUT/row_moves.log"
   exit 0
 fi
 if [[ "${SWEEP:-train}" == moeprof ]]; then
