@@ -236,9 +236,10 @@ def _row_modes(impl: str, interpret: bool, a: Array) -> _RowModes:
     """The row moves' :class:`_RowModes` for ``impl`` and rows like ``a``.
 
     ``"auto"`` takes the kernels on a GPU as :data:`ROW_KERNELS` and
-    :data:`GATHER_KERNELS` say; ``"pallas"`` and ``"mgpu"`` take both on a GPU, or in
-    interpret mode with ``interpret``. Rows that are not float or not a multiple of 16
-    wide (:func:`pallas_rows.fits`) always move by XLA's gathers.
+    :data:`GATHER_KERNELS` say (XLA's gathers elsewhere); ``"pallas"`` and ``"mgpu"``
+    take both on a GPU. With ``interpret`` the kernels taken run in interpret mode (like
+    :func:`_pick`'s, on any backend for ``"pallas"``). Rows that are not float or not a
+    multiple of 16 wide (:func:`pallas_rows.fits`) always move by XLA's gathers.
     """
     if impl in ("xla", "reference") or not pallas_rows.fits(a.shape[-1]):
         return _RowModes("xla", "xla")
@@ -250,7 +251,7 @@ def _row_modes(impl: str, interpret: bool, a: Array) -> _RowModes:
         return _RowModes("pallas", "pallas") if _on_gpu() else _RowModes("xla", "xla")
     if not _on_gpu():
         return _RowModes("xla", "xla")
-    on = lambda flag: "pallas" if flag else "xla"
+    on = lambda flag: ("interpret" if interpret else "pallas") if flag else "xla"
     return _RowModes(on(ROW_KERNELS), on(ROW_KERNELS and GATHER_KERNELS))
 
 
@@ -422,6 +423,11 @@ def to_blocks(
     Row ``i`` of the layout's input (``i`` in ``[0, T*k)``, ``k`` assignments per row of
     ``x``) is ``x[i // k]``; ``valid [T*k]`` marks the rows that were placed. Padding rows
     are zero. The gradient is a gather (each x row sums its k placed copies).
+
+    ``position`` and ``source`` must invert each other over the valid rows, as those of
+    :func:`sort_to_blocks` do: on a GPU (``impl="auto"``) the rows are scattered by
+    ``position`` (:func:`pallas_rows.scatter_rows`) and the rows ``source`` marks as
+    padding are zeroed, where XLA's twin gathers by ``source``.
     """
     if position.shape != (x.shape[0] * k,) or valid.shape != position.shape:
         raise ValueError(

@@ -108,6 +108,7 @@ def test_impl_picks_the_row_moves(monkeypatch):
     monkeypatch.setattr(gm, "_on_gpu", lambda: True)
     assert modes("auto") == ("pallas", "xla")  # the scatters; XLA's gathers sum faster
     assert modes("pallas") == ("pallas", "pallas")
+    assert modes("auto", True) == ("interpret", "xla")
     monkeypatch.setattr(gm, "GATHER_KERNELS", True)
     assert modes("auto") == ("pallas", "pallas")
     monkeypatch.setattr(gm, "ROW_KERNELS", False)
