@@ -27,7 +27,8 @@
 #     the gather-only row moves against scatter-add gradients (block_moves.py)
 #   SWEEP=rows bash benchmarks/h200_sweep.sh      # the row-move kernels against XLA's
 #     gathers at the three shapes (row_moves.py, ~2 min; its --sweep of their tilings takes
-#     ~8 min for one shape, as its own call)
+#     ~2 min per move and shape, as its own call: --moves "to_blocks,combine grad" sweeps
+#     the scatter kernel's two)
 #   SWEEP=moeprof bash benchmarks/h200_sweep.sh   # where the dropless layer's time goes
 #     (~3 min): traces of dense and dropless fwd+bwd at the three shapes, tabled by op
 #   SWEEP=tiles bash benchmarks/h200_sweep.sh     # the grouped-matmul kernel tile sweep

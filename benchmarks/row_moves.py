@@ -12,7 +12,8 @@ its time (GB/s), and the speed-up::
 
 ``--sweep`` times the kernels alone at each tiling of
 :data:`modjax.kernels.pallas_rows.SCATTER_TILES` / ``GATHER_TILES`` in a small grid
-(where those defaults come from) and prints the best few per move.
+(where those defaults come from) and prints the best few per move; ``--moves "to_blocks,
+combine grad"`` sweeps only those (the scatter kernel's two moves).
 """
 
 from __future__ import annotations
@@ -86,9 +87,12 @@ def _tiles(name: str, tiles: dict):
         setattr(pr, name, old)
 
 
-def sweep(t, d, e, k, dtype, iters, rng, top=3) -> None:
-    """The kernels' time at each tiling of SWEEP, per move; the ``top`` best printed."""
+def sweep(t, d, e, k, dtype, iters, rng, only=None, top=3) -> None:
+    """The kernels' time at each tiling of SWEEP, per move (those in ``only``, if given);
+    the ``top`` best printed."""
     for name, (make, nbytes) in moves(t, d, e, k, dtype, rng).items():
+        if only and name not in only:
+            continue
         which = "SCATTER_TILES" if name in ("to_blocks", "combine grad") else "GATHER_TILES"
         found = []
         for values in itertools.product(*SWEEP.values()):
@@ -111,6 +115,8 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--sweep", action="store_true", help="the kernels' tilings instead")
+    p.add_argument("--moves", default="", help="--sweep only these moves (comma-separated; "
+                   "each move's sweep takes ~2 min on an H200, most of it compiling)")  # fmt: skip
     a = p.parse_args(argv)
     rng = np.random.default_rng(0)
     out = []
@@ -118,7 +124,9 @@ def main(argv=None) -> list[dict]:
     if a.sweep:
         print("| T | D | E | k | move | tiles | ms | GB/s |\n|---|---|---|---|---|---|---|---|")
         for shape in a.shapes.split(";"):
-            sweep(*(int(v) for v in shape.split(",")), jnp.dtype(a.dtype), a.iters, rng)
+            t, d, e, k = (int(v) for v in shape.split(","))
+            only = [m for m in a.moves.split(",") if m]
+            sweep(t, d, e, k, jnp.dtype(a.dtype), a.iters, rng, only)
         return out
     print("| T | D | E | k | move | xla ms (GB/s) | kernels ms (GB/s) | speed-up |")
     print("|---|---|---|---|---|---|---|---|")

@@ -18,3 +18,11 @@ def test_row_moves_sweep_restores_the_tiles(monkeypatch, capsys):
     row_moves.main(["--shapes", "40,32,4,3", "--iters", "1", "--dtype", "float32", "--sweep"])
     assert (pr.SCATTER_TILES, pr.GATHER_TILES) == before
     assert capsys.readouterr().out.count("'bd': 32") == 8  # two tilings of each move
+
+
+def test_row_moves_sweep_of_chosen_moves(monkeypatch, capsys):
+    monkeypatch.setattr(row_moves, "SWEEP", {"bt": (8,), "bd": (32,), "num_warps": (4,)})
+    row_moves.main(["--shapes", "40,32,4,3", "--iters", "1", "--dtype", "float32", "--sweep",
+                    "--moves", "to_blocks,combine grad"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "| to_blocks |" in out and "| combine grad |" in out and "| combine |" not in out
