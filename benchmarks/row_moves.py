@@ -8,7 +8,7 @@ gradient (rows and routing weights). ``xla`` forces XLA's gathers (``impl="xla"`
 both give the same values, and prints ms, the bytes each move must read and write over
 its time (GB/s), and the speed-up::
 
-  python3 benchmarks/row_moves.py [--shapes T,D,E,k;...] [--iters 50]
+  PYTHONPATH=. python3 benchmarks/row_moves.py [--shapes T,D,E,k;...] [--iters 50]
 
 ``--sweep`` times the kernels alone at each tiling of
 :data:`modjax.kernels.pallas_rows.SCATTER_TILES` / ``GATHER_TILES`` in a small grid
