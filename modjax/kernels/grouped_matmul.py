@@ -241,9 +241,8 @@ def _row_modes(impl: str, interpret: bool, a: Array) -> _RowModes:
     :func:`_pick`'s, on any backend for ``"pallas"``). Rows that are not float or not a
     multiple of 16 wide (:func:`pallas_rows.fits`) always move by XLA's gathers.
     """
-    if impl in ("xla", "reference") or not pallas_rows.fits(a.shape[-1]):
-        return _RowModes("xla", "xla")
-    if not jnp.issubdtype(a.dtype, jnp.floating):
+    kernels_take = pallas_rows.fits(a.shape[-1]) and jnp.issubdtype(a.dtype, jnp.floating)
+    if impl in ("xla", "reference") or not kernels_take:
         return _RowModes("xla", "xla")
     if impl != "auto":
         if interpret:
