@@ -132,6 +132,7 @@ def patched(module, **attrs):
 def _variants():
     from modjax.kernels import mgpu_block_gmm as bg
     from modjax.kernels import mgpu_gmm
+    from modjax.kernels import pallas_rows as pr
 
     return {
         "": contextlib.nullcontext,
@@ -168,6 +169,11 @@ def _variants():
         # the row moves (the layout's input, the combine, their gradients) as XLA's
         # gathers (the default on a GPU: modjax.kernels.pallas_rows' Triton kernels)
         "xlarows": lambda: patched(gm, ROW_KERNELS=False),
+        # the scatter kernel with one program per token block (the tenth session's
+        # tiling; the default splits each block's row into column groups)
+        "scatter1": lambda: patched(pr, SCATTER_TILES={**pr.SCATTER_TILES, "split": 1}),
+        # the sums out of the layout by the gather kernel too (the default: XLA's)
+        "gathers": lambda: patched(gm, GATHER_KERNELS=True),
     }
 
 

@@ -4,23 +4,23 @@ Times, per shape and on the same inputs, the four moves of the dropless layer be
 tokens ``[T, D]`` and the block-padded layout ``[P, D]``: the layout's input
 (``to_blocks``) and its gradient, the combine (``combine_from_blocks``) and its
 gradient (rows and routing weights). ``xla`` forces XLA's gathers (``impl="xla"``),
-``kernels`` is the default on a GPU (:mod:`modjax.kernels.pallas_rows`). It checks that
+``kernels`` forces the kernels (``impl="pallas"``, :mod:`modjax.kernels.pallas_rows`;
+``impl="auto"`` takes the scatters on a GPU and XLA's sums). It checks that
 both give the same values, and prints ms, the bytes each move must read and write over
 its time (GB/s), and the speed-up::
 
   PYTHONPATH=. python3 benchmarks/row_moves.py [--shapes T,D,E,k;...] [--iters 50]
 
-``--sweep`` times the kernels alone at each tiling of
-:data:`modjax.kernels.pallas_rows.SCATTER_TILES` / ``GATHER_TILES`` in a small grid
-(where those defaults come from) and prints the best few per move; ``--moves "to_blocks,
-combine grad"`` sweeps only those (the scatter kernel's two moves).
+``--sweep`` times the kernels alone at each tiling of :data:`SWEEP` (changes to
+:data:`modjax.kernels.pallas_rows.SCATTER_TILES` / ``GATHER_TILES``, where those defaults
+come from) and prints the best few per move; ``--moves "to_blocks,combine grad"`` sweeps
+only those (the scatter kernel's two moves).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import itertools
 
 import jax
 import jax.numpy as jnp
@@ -73,8 +73,25 @@ def moves(t: int, d: int, e: int, k: int, dtype, rng):
     }
 
 
-#: the tilings --sweep tries: tokens per program, row piece, warps
-SWEEP = {"bt": (8, 16, 32, 64), "bd": (128, 256, 512, 1024), "num_warps": (4, 8)}
+def _tilings(*rows) -> list[dict]:
+    return [dict(zip(("bt", "bd", "num_warps", "split"), r)) for r in rows]
+
+
+# fmt: off
+#: the tilings --sweep tries, per kernel: tokens per program, row piece, warps (and
+#: column groups): from many short pieces per program to one program per whole row piece
+SWEEP = {
+    "SCATTER_TILES": _tilings(
+        (32, 128, 8, 1), (32, 128, 8, 4), (32, 128, 8, 16), (32, 128, 4, 16), (16, 256, 8, 1),
+        (16, 256, 4, 8), (8, 512, 8, 1), (8, 512, 4, 4), (4, 1024, 4, 1), (4, 2048, 4, 1),
+        (4, 2048, 8, 1), (2, 2048, 4, 1), (8, 2048, 8, 1),
+    ),
+    "GATHER_TILES": _tilings(
+        (8, 512, 8), (4, 1024, 8), (4, 2048, 8), (2, 2048, 4), (2, 2048, 8), (1, 2048, 4),
+        (16, 256, 4), (8, 1024, 8), (8, 2048, 8), (4, 512, 4),
+    ),
+}
+# fmt: on
 
 
 @contextlib.contextmanager
@@ -95,12 +112,9 @@ def sweep(t, d, e, k, dtype, iters, rng, only=None, top=3) -> None:
             continue
         which = "SCATTER_TILES" if name in ("to_blocks", "combine grad") else "GATHER_TILES"
         found = []
-        for values in itertools.product(*SWEEP.values()):
-            tiles = dict(zip(SWEEP, values))
-            if tiles["bt"] * tiles["bd"] > 16384:  # registers
-                continue
+        for tiles in SWEEP[which]:
             with _tiles(which, tiles):
-                fn = make("auto")  # traced (and the tiles read) on the first call
+                fn = make("pallas")  # traced (and the tiles read) on the first call
                 jax.block_until_ready(fn())
             found.append((_median_ms(fn, iters), tiles))
         found.sort(key=lambda r: r[0])
@@ -115,6 +129,7 @@ def main(argv=None) -> list[dict]:
     p.add_argument("--iters", type=int, default=50)
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--sweep", action="store_true", help="the kernels' tilings instead")
+    p.add_argument("--top", type=int, default=3, help="--sweep prints this many per move")
     p.add_argument("--moves", default="", help="--sweep only these moves (comma-separated; "
                    "each move's sweep takes ~2 min on an H200, most of it compiling)")  # fmt: skip
     a = p.parse_args(argv)
@@ -126,14 +141,14 @@ def main(argv=None) -> list[dict]:
         for shape in a.shapes.split(";"):
             t, d, e, k = (int(v) for v in shape.split(","))
             only = [m for m in a.moves.split(",") if m]
-            sweep(t, d, e, k, jnp.dtype(a.dtype), a.iters, rng, only)
+            sweep(t, d, e, k, jnp.dtype(a.dtype), a.iters, rng, only, a.top)
         return out
     print("| T | D | E | k | move | xla ms (GB/s) | kernels ms (GB/s) | speed-up |")
     print("|---|---|---|---|---|---|---|---|")
     for shape in a.shapes.split(";"):
         t, d, e, k = (int(v) for v in shape.split(","))
         for name, (make, nbytes) in moves(t, d, e, k, jnp.dtype(a.dtype), rng).items():
-            xla, fast = make("xla"), make("auto")
+            xla, fast = make("xla"), make("pallas")
             for u, v in zip(jax.tree.leaves(xla()), jax.tree.leaves(fast())):
                 np.testing.assert_allclose(np.asarray(u, np.float32), np.asarray(v, np.float32),
                                            rtol=2e-2, atol=2e-2)  # fmt: skip

@@ -32,9 +32,14 @@ from jax.experimental.pallas import triton as plgpu
 
 from modjax.typing import Array
 
-#: :func:`scatter_rows`: tokens per program, the widest row piece it holds at a time, its
-#: warps, and the padded rows per zeroing program
-SCATTER_TILES = {"bt": 32, "bd": 128, "num_warps": 8, "br": 64}
+#: :func:`scatter_rows`: tokens per program, the widest row piece it holds at a time, the
+#: most column groups each token block is split into (one program per group, each
+#: looping over its pieces; the largest count that divides the row's pieces), its warps,
+#: and the padded rows per zeroing program
+#: (``benchmarks/row_moves.py --sweep`` on the H200: at OLMoE's and Mixtral's shapes,
+#: splitting each block's row into 4 groups was best or within 2% of the best for both
+#: of its moves, 0.330 against 0.354 ms for OLMoE's layout input)
+SCATTER_TILES = {"bt": 32, "bd": 128, "split": 4, "num_warps": 8, "br": 64}
 #: :func:`gather_sum`: tokens and row piece per program, and its warps
 GATHER_TILES = {"bt": 8, "bd": 512, "num_warps": 8}
 
@@ -73,7 +78,7 @@ def _token_blocks(pos: Array, scale: Array | None, bt: int):
     return pos, scale
 
 
-def _scatter_kernel(*refs, k, bt, bd, nd, nt, br, num_tokens, num_rows, weighted, dot):
+def _scatter_kernel(*refs, k, bt, bd, nd, ns, nt, br, num_tokens, num_rows, weighted, dot):
     it = iter(refs)
     pos_ref = next(it)
     scale_ref = next(it) if weighted else None
@@ -83,41 +88,45 @@ def _scatter_kernel(*refs, k, bt, bd, nd, nt, br, num_tokens, num_rows, weighted
     out_ref = next(it)
     dw_ref = next(it) if dot else None
     i = pl.program_id(0)
+    per = nd // ns  # pieces per column group
 
-    @pl.when(i < nt)
+    @pl.when(i < nt * ns)
     def _():
-        tok = i * bt + jnp.arange(bt)
+        b, s = i // ns, i % ns  # token block, column group (adjacent programs: same rows)
+        tok = b * bt + jnp.arange(bt)
         live = tok < num_tokens
-        pos = [pos_ref[pl.ds(i * bt, bt), j] for j in range(k)]
+        pos = [pos_ref[pl.ds(b * bt, bt), j] for j in range(k)]
         ok = [p >= 0 for p in pos]  # the padded tokens' positions are -1
         row = [jnp.where(o, p, num_rows) for p, o in zip(pos, ok)]
-        scale = [scale_ref[pl.ds(i * bt, bt), j] for j in range(k)] if weighted else None
+        scale = [scale_ref[pl.ds(b * bt, bt), j] for j in range(k)] if weighted else None
 
         def body(c, acc):
-            xc = plgpu.load(_rows(x_ref, tok, c * bd, bd), mask=live[:, None], other=0)
+            col = (s * per + c) * bd
+            xc = plgpu.load(_rows(x_ref, tok, col, bd), mask=live[:, None], other=0)
             out = []
             for j in range(k):
                 v = xc.astype(jnp.float32)
                 if weighted:
                     v = v * scale[j][:, None]
                 m = ok[j][:, None]
-                plgpu.store(_rows(out_ref, row[j], c * bd, bd), v.astype(out_ref.dtype), mask=m)
+                plgpu.store(_rows(out_ref, row[j], col, bd), v.astype(out_ref.dtype), mask=m)
                 if dot:
-                    yc = plgpu.load(_rows(yp_ref, row[j], c * bd, bd), mask=m, other=0)
+                    yc = plgpu.load(_rows(yp_ref, row[j], col, bd), mask=m, other=0)
                     prod = yc.astype(jnp.float32) * xc.astype(yp_ref.dtype).astype(jnp.float32)
                     out.append(acc[j] + jnp.sum(prod, axis=1))
             return tuple(out) if dot else acc
 
         init = tuple(jnp.zeros((bt,), jnp.float32) for _ in range(k)) if dot else ()
-        acc = jax.lax.fori_loop(0, nd, body, init)
-        if dot:
+        acc = jax.lax.fori_loop(0, per, body, init)
+        if dot:  # this group's share of the dot products
             for j in range(k):
-                dw_ref[pl.ds(i * bt, bt), j] = acc[j]
+                dw_ref[s, pl.ds(b * bt, bt), j] = acc[j]
 
-    @pl.when(i >= nt)
+    @pl.when(i >= nt * ns)
     def _():
-        rows = (i - nt) * br + jnp.arange(br)
-        src = plgpu.load(src_ref.at[pl.ds((i - nt) * br, br)], mask=rows < num_rows, other=0)
+        z = i - nt * ns
+        rows = z * br + jnp.arange(br)
+        src = plgpu.load(src_ref.at[pl.ds(z * br, br)], mask=rows < num_rows, other=0)
         pad = jnp.logical_and(rows < num_rows, src >= num_tokens * k)
         rows = jnp.where(pad, rows, num_rows)
 
@@ -160,29 +169,31 @@ def scatter_rows(
     tl = {**SCATTER_TILES, **(tiles or {})}
     bt, br = tl["bt"], tl["br"]
     bd = _piece(d, tl["bd"])
+    nd = d // bd
+    ns = max(g for g in range(1, min(tl["split"], nd) + 1) if nd % g == 0)  # divides nd
     pos, scale = _token_blocks(pos, scale, bt)
     nt = pos.shape[0] // bt
     dot = dot_with is not None
     kernel = functools.partial(
-        _scatter_kernel, k=k, bt=bt, bd=bd, nd=d // bd, nt=nt, br=br, num_tokens=t, num_rows=p,
-        weighted=scale is not None, dot=dot,
+        _scatter_kernel, k=k, bt=bt, bd=bd, nd=nd, ns=ns, nt=nt, br=br, num_tokens=t,
+        num_rows=p, weighted=scale is not None, dot=dot,
     )  # fmt: skip
     args = [pos, *([scale] if scale is not None else []), source.astype(jnp.int32), x]
     out_shape = [jax.ShapeDtypeStruct((p, d), out_dtype or x.dtype)]
     if dot:
         args.append(dot_with)
-        out_shape.append(jax.ShapeDtypeStruct(pos.shape, jnp.float32))
+        out_shape.append(jax.ShapeDtypeStruct((ns, *pos.shape), jnp.float32))
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(nt + pl.cdiv(p, br),),
+        grid=(nt * ns + pl.cdiv(p, br),),
         in_specs=[pl.no_block_spec] * len(args),
         out_specs=[pl.no_block_spec] * len(out_shape),
         compiler_params=plgpu.CompilerParams(num_warps=tl["num_warps"], num_stages=1),
         interpret=interpret,
         name="modjax_scatter_rows",
     )(*args)
-    return (outs[0], outs[1][:t]) if dot else outs[0]
+    return (outs[0], outs[1][:, :t].sum(0)) if dot else outs[0]
 
 
 def _gather_kernel(*refs, k, bt, weighted):

@@ -141,3 +141,16 @@ def test_xlarows_variant_switches_the_row_kernels_off_and_restores_them():
     with moe_layer.VARIANTS["xlarows"]():
         assert not gm.ROW_KERNELS
     assert gm.ROW_KERNELS
+    with moe_layer.VARIANTS["gathers"]():
+        assert gm.GATHER_KERNELS
+    assert not gm.GATHER_KERNELS
+
+
+def test_scatter1_variant_takes_one_program_per_token_block_and_restores_the_tiles():
+    from modjax.kernels import pallas_rows as pr
+
+    before = dict(pr.SCATTER_TILES)
+    assert before["split"] > 1
+    with moe_layer.VARIANTS["scatter1"]():
+        assert pr.SCATTER_TILES == {**before, "split": 1}
+    assert pr.SCATTER_TILES == before

@@ -14,14 +14,16 @@ def test_row_moves_table(capsys):
 
 def test_row_moves_sweep_restores_the_tiles(monkeypatch, capsys):
     before = (dict(pr.SCATTER_TILES), dict(pr.GATHER_TILES))
-    monkeypatch.setattr(row_moves, "SWEEP", {"bt": (8, 16), "bd": (32,), "num_warps": (4,)})
+    two = row_moves._tilings((8, 32, 4), (16, 32, 4, 2))
+    monkeypatch.setattr(row_moves, "SWEEP", {"SCATTER_TILES": two, "GATHER_TILES": two})
     row_moves.main(["--shapes", "40,32,4,3", "--iters", "1", "--dtype", "float32", "--sweep"])
     assert (pr.SCATTER_TILES, pr.GATHER_TILES) == before
     assert capsys.readouterr().out.count("'bd': 32") == 8  # two tilings of each move
 
 
 def test_row_moves_sweep_of_chosen_moves(monkeypatch, capsys):
-    monkeypatch.setattr(row_moves, "SWEEP", {"bt": (8,), "bd": (32,), "num_warps": (4,)})
+    one = row_moves._tilings((8, 32, 4))
+    monkeypatch.setattr(row_moves, "SWEEP", {"SCATTER_TILES": one, "GATHER_TILES": one})
     row_moves.main(["--shapes", "40,32,4,3", "--iters", "1", "--dtype", "float32", "--sweep",
                     "--moves", "to_blocks,combine grad"])  # fmt: skip
     out = capsys.readouterr().out

@@ -46,12 +46,13 @@ def _close(a, b, dtype):
 
 
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
-@pytest.mark.parametrize("k", [1, 2, 3, 4])
-def test_kernels_match_their_formulas_in_interpret_mode(kind, k):
-    t, d, g, bs = 37, 48, 5, 16  # 37 tokens: no whole token block; 48: pieces of 16
+@pytest.mark.parametrize("k,split", [(1, 1), (2, 3), (3, 1), (4, 3)])
+def test_kernels_match_their_formulas_in_interpret_mode(kind, k, split):
+    t, d, g, bs = 37, 48, 5, 16  # 37 tokens: no whole token block; 48: 3 pieces of 16
     x, yp, w, position, source, valid = _case(kind, t, d, g, k, bs, jnp.float32, seed=k)
     pos = gm._assignments(position, valid, k)
-    tiles = {"bt": 8, "bd": 32, "br": 16}  # several programs per axis, ragged last ones
+    # several programs per axis, ragged last ones; split=3: a program per piece
+    tiles = {"bt": 8, "bd": 32, "br": 16, "split": split}
     # scatter: the layout's input, padding rows zero (a NaN-free check of every row)
     got = pr.scatter_rows(x, pos, source, interpret=True, tiles=tiles)
     _close(got, gm.to_blocks_reference(x, source, position, valid, k), jnp.float32)
@@ -136,7 +137,10 @@ def test_kernels_lower_for_cuda_and_check_widths():
 @pytest.mark.skipif(not GPU, reason="compiled Triton kernels need a GPU (MODJAX_GPU_TESTS=1)")
 @pytest.mark.parametrize("kind", ["random", "skewed", "empty"])
 @pytest.mark.parametrize("t,d,k", [(1000, 512, 2), (777, 2048, 8), (300, 80, 3)])
-def test_compiled_kernels_match_xla_on_gpu(kind, t, d, k):
+@pytest.mark.parametrize("tiles", [{}, {"split": 4}, {"bt": 4, "bd": 2048, "num_warps": 4}])
+def test_compiled_kernels_match_xla_on_gpu(kind, t, d, k, tiles, monkeypatch):
+    for name in ("SCATTER_TILES", "GATHER_TILES"):  # read when traced, below
+        monkeypatch.setattr(pr, name, {**getattr(pr, name), **tiles})
     x, _, w, position, source, valid = _case(kind, t, d, 16, k, 128, jnp.bfloat16, seed=t)
     rng = np.random.default_rng(2)
     probe = jnp.asarray(rng.normal(size=(t, d)), jnp.bfloat16)
