@@ -46,7 +46,9 @@
 #     METHODS=dropless,dropless+coop times the ping-pong default of short contractions
 #     against the chained cooperative pipelines it replaced, and
 #     METHODS=dropless,dropless+unfused the SwiGLU kernels against two gmm and XLA's
-#     activation (dropless+bwdall, +bwdnone, +nosum: the backward's kernels one by one)
+#     activation (dropless+bwdall, +bwdnone, +nosum: the backward's kernels one by one);
+#     METHODS=dropless,dropless+nocib the FFN and the combine as one op (OLMoE) or two;
+#     +scatter1 and +gathers: the row kernels' tiling and the gather kernel
 #   SWEEP=cluster bash benchmarks/h200_sweep.sh   # the block gmm in 2-CTA clusters (x tiles
 #     multicast; ~7 min): its GPU tests, its sweep against the default tilings, and the
 #     layer with it (dropless+cluster) beside the default and the dense FFN

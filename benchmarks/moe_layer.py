@@ -174,6 +174,9 @@ def _variants():
         "scatter1": lambda: patched(pr, SCATTER_TILES={**pr.SCATTER_TILES, "split": 1}),
         # the sums out of the layout by the gather kernel too (the default: XLA's)
         "gathers": lambda: patched(gm, GATHER_KERNELS=True),
+        # the FFN and the combine as two ops, each with its own gradient (the default, where
+        # F < D: one op whose backward takes the weights' gradient from the activation's)
+        "nocib": lambda: patched(gs, COMBINE_IN_BWD=False),
     }
 
 

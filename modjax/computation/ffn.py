@@ -228,6 +228,13 @@ def _dropless(x, routing, params, activation, block_size, impl, interpret):
     # Padded row p holds token source[p] // K (zeros for padding); both moves have
     # gather-only gradients (no scatter-adds).
     xp = gm.to_blocks(x, source, position, kept, k, impl=impl, interpret=interpret)
+    if activation == "swiglu" and not gm.runs_on_xla(impl):
+        w_gate, w_up, w_out = (params[n].astype(x.dtype) for n in (*ACTIVATIONS["swiglu"], "wo"))
+        if grouped_swiglu.combine_in_backward(xp, w_gate, block_size, impl, interpret):
+            return grouped_swiglu.swiglu_ffn_combine(
+                xp, w_gate, w_up, w_out, layout, routing.weight, position, source, kept,
+                x.dtype, block_size=block_size, impl=impl, interpret=interpret,
+            )  # fmt: skip
     yp = expert_ffn_blocks(
         xp,
         params,

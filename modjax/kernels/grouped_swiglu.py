@@ -158,6 +158,13 @@ def _ffn_bwd(res, dy):
     else:
         dgate, dup = swiglu_grad(_gmm(dy, w_out, layout, static, transpose_rhs=True), gate, up)
     dw_out = _tgmm(h, dy, layout, static, w_out.dtype)
+    return (*_input_grads(x, w_gate, w_up, dgate, dup, layout, static), dw_out, None, None)
+
+
+def _input_grads(x, w_gate, w_up, dgate, dup, layout, static):
+    """``(dx, dw_gate, dw_up)`` from the projections' gradients."""
+    from modjax.kernels import mgpu_swiglu
+
     if fused_applies(x, w_gate, static.block_size, static.impl, static.interpret) and (
         mgpu_swiglu.sum_t_fits(w_gate.shape[2], x.shape[1])
     ):
@@ -167,9 +174,161 @@ def _ffn_bwd(res, dy):
         dx = _gmm(dgate, w_gate, layout, static, True) + _gmm(dup, w_up, layout, static, True)
     dw_gate = _tgmm(x, dgate, layout, static, w_gate.dtype)
     dw_up = _tgmm(x, dup, layout, static, w_up.dtype)
-    return dx, dw_gate, dw_up, dw_out, None, None
+    return dx, dw_gate, dw_up
 
 
 _ffn_core.defvjp(_ffn_fwd, _ffn_bwd)
 
-__all__ = ["FUSE", "fused_applies", "swiglu", "swiglu_ffn", "swiglu_grad"]
+
+# --------------------------------------------------------------------------------------
+# the FFN and the MoE combine as one op: the combine's weights in the FFN's backward
+
+#: let :func:`combine_in_backward` take :func:`swiglu_ffn_combine` where it applies (False:
+#: the FFN and the combine as two ops, ``benchmarks/moe_layer.py``'s ``dropless+nocib``)
+COMBINE_IN_BWD = True
+
+
+def combine_in_backward(
+    x: Array, w_gate: Array, block_size: int, impl: str, interpret: bool
+) -> bool:
+    """Whether the dropless layer takes :func:`swiglu_ffn_combine` for these operands.
+
+    Its backward writes ``w * h`` (``[P, F]``) so as not to read the FFN's output
+    (``[P, D]``) back: it reads fewer bytes where ``F < D`` (OLMoE's shape, not Mixtral's).
+    Where the backward's Hopper kernel applies (it computes the activation's gradient in its
+    epilogue, from unscaled rows), the two-op path keeps that kernel.
+    """
+    return (
+        COMBINE_IN_BWD
+        and w_gate.shape[2] < x.shape[1]
+        and not fused_applies(x, w_gate, block_size, impl, interpret, backward=True)
+    )
+
+
+def swiglu_ffn_combine(
+    x: Array,
+    w_gate: Array,
+    w_up: Array,
+    w_out: Array,
+    layout: gm.GroupLayout,
+    weight: Array,
+    position: Array,
+    source: Array,
+    valid: Array,
+    dtype=None,
+    *,
+    block_size: int,
+    impl: str = "auto",
+    interpret: bool = False,
+) -> Array:
+    """The SwiGLU expert FFN on the layout's rows, then the MoE combine: ``[T, D]``,
+    ``combine_from_blocks(swiglu_ffn(x, ...), weight, position, source, valid, dtype)``.
+
+    The same function as those two ops (its reference twin in the tests), with a gradient
+    that leaves the FFN's output alone. The combine's own gradient reads every output row
+    back for the routing weights' gradient, ``dw[t, j] = <yp[p], dy[t]>`` (``p`` the
+    assignment's row). Here the rows of ``dy`` go into the layout unscaled (``dyp``), and
+    ``dh = dyp @ w_out.T`` gives ``dw[t, j] = <h[p], dh[p]>``, a sum over ``F`` taken in
+    the activation's backward, which reads ``h``'s inputs anyway. The row's weight then
+    scales ``dh`` (before the activation's backward) and ``h`` (``w_out``'s gradient is
+    ``(w * h).T @ dyp``). The backward keeps neither the FFN's output rows nor ``h``
+    (``[P, D]`` and ``[P, F]``: on OLMoE's shape 0.8 of the two ops' 1.9 GB of saved rows).
+
+    Args:
+      x, w_gate, w_up, w_out, layout, block_size, impl, interpret: as :func:`swiglu_ffn`.
+      weight, position, source, valid, dtype: as
+        :func:`modjax.kernels.grouped_matmul.combine_from_blocks`.
+    """
+    gm.check_combine(weight, position, source, valid, x.shape[0])
+    gm._check_gmm(x, w_gate, layout, block_size, False)
+    g, d, f = w_gate.shape
+    if w_gate.shape != w_up.shape or w_out.shape != (g, f, d):
+        raise ValueError(
+            f"w_gate {w_gate.shape} and w_up {w_up.shape} must be [G, D, F] and w_out "
+            f"{w_out.shape} [G, F, D]"
+        )
+    static = _CStatic(block_size, gm._check_impl(impl), interpret, jnp.dtype(dtype or x.dtype))
+    return _ffn_combine(x, w_gate, w_up, w_out, layout, weight, position, source, valid, static)
+
+
+class _CStatic(NamedTuple):
+    block_size: int
+    impl: str
+    interpret: bool
+    dtype: jnp.dtype
+
+    @property
+    def ffn(self) -> _Static:
+        return _Static(self.block_size, self.impl, self.interpret)
+
+
+jax.tree_util.register_pytree_node(
+    _CStatic, lambda s: ((), tuple(s)), lambda aux, _: _CStatic(*aux)
+)
+
+
+def _combine_fwd(x, w_gate, w_up, w_out, layout, weight, position, source, valid, static):
+    yp, hidden = _forward(x, w_gate, w_up, w_out, layout, static.ffn)
+    y = gm.combine_from_blocks(yp, weight, position, source, valid, static.dtype,
+                               impl=static.impl, interpret=static.interpret)  # fmt: skip
+    return y, hidden
+
+
+@jax.custom_vjp
+def _ffn_combine(x, w_gate, w_up, w_out, layout, weight, position, source, valid, static):
+    return _combine_fwd(x, w_gate, w_up, w_out, layout, weight, position, source, valid,
+                        static)[0]  # fmt: skip
+
+
+def _ffn_combine_fwd(x, w_gate, w_up, w_out, layout, weight, position, source, valid, static):
+    y, (_, gate, up) = _combine_fwd(x, w_gate, w_up, w_out, layout, weight, position, source,
+                                    valid, static)  # fmt: skip
+    return y, (x, w_gate, w_up, w_out, layout, weight, position, source, valid, static, gate, up)
+
+
+def scaled_swiglu_grad(
+    dh: Array, gate: Array, up: Array, scale: Array
+) -> tuple[Array, Array, Array, Array]:
+    """The activation's backward with each row's weight applied after it: for
+    ``h = swiglu(gate, up)`` and the unscaled cotangent ``dh``, ``(d gate, d up)`` of the
+    cotangent ``scale[:, None] * dh`` (in the inputs' dtypes), ``scale[:, None] * h`` (in
+    ``up``'s dtype) and the float32 row sums ``sum_f h * dh``."""
+    s = scale.astype(jnp.float32)[:, None]
+    h = swiglu(gate, up).astype(jnp.float32)
+    rows = jnp.sum(h * dh.astype(jnp.float32), axis=1)
+    dgate, dup = swiglu_grad(dh.astype(jnp.float32) * s, gate, up)
+    return dgate, dup, (h * s).astype(up.dtype), rows
+
+
+def _ffn_combine_bwd(res, dy):
+    x, w_gate, w_up, w_out, layout, weight, position, source, valid, static, gate, up = res
+    t, k = weight.shape
+    ffn = static.ffn
+    # dy's rows in the layout, unscaled (a scatter: each token row read once on a GPU)
+    dyp = gm.to_blocks(dy.astype(x.dtype), source, position, valid, k, impl=static.impl,
+                       interpret=static.interpret)  # fmt: skip
+    dh = _gmm(dyp, w_out, layout, ffn, transpose_rhs=True)
+    # each row's weight as the combine's forward rounds it (zero on the padding rows)
+    w_row = jnp.take(weight.astype(x.dtype).reshape(-1), source, mode="fill", fill_value=0)
+    dgate, dup, h_scaled, dw_row = scaled_swiglu_grad(dh, gate, up, w_row)
+    dw_row = jax.lax.optimization_barrier(dw_row)  # the F-long sums stay out of the gather
+    dw = jnp.where(valid, jnp.take(dw_row, position, mode="fill", fill_value=0), 0.0)
+    dw_out = _tgmm(h_scaled, dyp, layout, ffn, w_out.dtype)
+    dx, dw_gate, dw_up = _input_grads(x, w_gate, w_up, dgate, dup, layout, ffn)
+    dw = dw.reshape(t, k).astype(weight.dtype)
+    return dx, dw_gate, dw_up, dw_out, None, dw, None, None, None, None
+
+
+_ffn_combine.defvjp(_ffn_combine_fwd, _ffn_combine_bwd)
+
+__all__ = [
+    "COMBINE_IN_BWD",
+    "FUSE",
+    "combine_in_backward",
+    "fused_applies",
+    "scaled_swiglu_grad",
+    "swiglu",
+    "swiglu_ffn",
+    "swiglu_ffn_combine",
+    "swiglu_grad",
+]

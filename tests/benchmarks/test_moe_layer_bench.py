@@ -146,6 +146,13 @@ def test_xlarows_variant_switches_the_row_kernels_off_and_restores_them():
     assert not gm.GATHER_KERNELS
 
 
+def test_nocib_variant_keeps_the_ffn_and_the_combine_apart_and_restores_it():
+    assert moe_layer.gs.COMBINE_IN_BWD
+    with moe_layer.VARIANTS["nocib"]():
+        assert not moe_layer.gs.COMBINE_IN_BWD
+    assert moe_layer.gs.COMBINE_IN_BWD
+
+
 def test_scatter1_variant_takes_one_program_per_token_block_and_restores_the_tiles():
     from modjax.kernels import pallas_rows as pr
 

@@ -101,6 +101,40 @@ def test_reference_matches_numpy_loop():
         )
 
 
+@pytest.mark.parametrize("impl", ["auto"] if GPU else ["reference", "pallas"])
+def test_dropless_with_the_combine_in_the_ffn_backward(impl, monkeypatch):
+    # F < D: the layer takes grouped_swiglu.swiglu_ffn_combine (where the FFN's output is
+    # not read back in the backward) on the grouped path; against the per-expert reference
+    from modjax.kernels import grouped_swiglu as gs
+
+    taken = []
+    one_op = gs.swiglu_ffn_combine
+    monkeypatch.setattr(
+        gs, "swiglu_ffn_combine", lambda *a, **kw: taken.append(1) or one_op(*a, **kw)
+    )
+    rng = np.random.default_rng(3)
+    t, d, f, e, k = 29, 40, 24, 5, 2
+    x = jnp.asarray(rng.normal(size=(t, d)), DTYPE)
+    logits = make_logits(rng, t, e, "skewed")
+    params = make_params(rng, e, d, f, dtype=DTYPE)
+    ct = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    fast = _moe("dropless", impl)
+
+    def ref(x, logits, params):
+        p32 = {n: v.astype(jnp.float32) for n, v in params.items()}
+        return F.moe_ffn_reference(x.astype(jnp.float32), make_routing(logits, k), p32)
+
+    y = jax.jit(fast, static_argnums=3)(x, logits, params, k)
+    assert taken
+    np.testing.assert_allclose(np.float32(y), ref(x, logits, params), **TOL)
+    loss_f = lambda *a: jnp.sum(fast(*a, k).astype(jnp.float32) * ct)
+    gf = jax.grad(loss_f, argnums=(0, 1, 2))(x, logits, params)
+    gr = jax.grad(lambda *a: jnp.sum(ref(*a) * ct), argnums=(0, 1, 2))(x, logits, params)
+    for a, b in zip(jax.tree.leaves(gf), jax.tree.leaves(gr), strict=True):
+        scale = max(float(jnp.abs(b).max()), 1e-6)
+        np.testing.assert_allclose(np.float32(a) / scale, np.float32(b) / scale, **TOL)
+
+
 @pytest.mark.parametrize("strategy,impl", STRATS)
 @pytest.mark.parametrize("k,kind", [(1, "random"), (2, "skewed"), (3, "empty"), (4, "random")])
 def test_moe_strategies_values_and_grads(strategy, impl, k, kind):
