@@ -17,7 +17,9 @@ nothing is dropped):
   expert into a block-padded buffer, run grouped matmuls
   (:mod:`modjax.kernels.grouped_matmul`; off the GPU, the whole expert FFN as one XLA
   loop over blocks, :mod:`modjax.kernels.xla_expert_ffn`), unsort and combine. Memory
-  grows as T*K*D.
+  grows as T*K*D. A SwiGLU FFN with ``F < D`` on the grouped path is one op with the
+  combine (:func:`modjax.kernels.grouped_swiglu.swiglu_ffn_combine`), whose backward
+  keeps neither the experts' output rows nor their hidden rows.
 * ``"capacity"`` (GShard/Switch with gathers): each expert gets ``routing.capacity``
   slots (T when the routing is dropless); assignments with ``kept`` False are dropped.
 * ``"einsum"``: the one-hot ``[T, E, C]`` dispatch/combine einsums of GShard
