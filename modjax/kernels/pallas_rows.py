@@ -170,6 +170,8 @@ def scatter_rows(
     bt, br = tl["bt"], tl["br"]
     bd = _piece(d, tl["bd"])
     nd = d // bd
+    if tl["split"] < 1:
+        raise ValueError(f"scatter_rows: tiles split={tl['split']} must be at least 1")
     ns = max(g for g in range(1, min(tl["split"], nd) + 1) if nd % g == 0)  # divides nd
     pos, scale = _token_blocks(pos, scale, bt)
     nt = pos.shape[0] // bt

@@ -132,6 +132,9 @@ def test_kernels_lower_for_cuda_and_check_widths():
         assert text.count("__gpu$xla.gpu.triton") == n, text[:2000]
     with pytest.raises(ValueError, match="D=40 must be a multiple of 16"):
         pr.gather_sum(jnp.zeros((p, 40)), jnp.zeros((t, k), jnp.int32))
+    with pytest.raises(ValueError, match="tiles split=0 must be at least 1"):
+        pr.scatter_rows(jnp.zeros((t, d)), jnp.zeros((t, k), jnp.int32),
+                        jnp.zeros((p,), jnp.int32), tiles={"split": 0})  # fmt: skip
 
 
 @pytest.mark.skipif(not GPU, reason="compiled Triton kernels need a GPU (MODJAX_GPU_TESTS=1)")
