@@ -238,6 +238,9 @@ def swiglu_ffn_combine(
       x, w_gate, w_up, w_out, layout, block_size, impl, interpret: as :func:`swiglu_ffn`.
       weight, position, source, valid, dtype: as
         :func:`modjax.kernels.grouped_matmul.combine_from_blocks`.
+
+    Returns:
+      ``[T, D]`` in ``dtype`` (default x's).
     """
     gm.check_combine(weight, position, source, valid, x.shape[0])
     gm._check_gmm(x, w_gate, layout, block_size, False)
