@@ -323,6 +323,12 @@ def combine_from_blocks_reference(yp, weight, position, source, valid, dtype):
     return out.astype(dtype)
 
 
+def row_weights(weight: Array, source: Array, dtype) -> Array:
+    """``[P]``: each padded row's routing weight (``[T, k]`` ``weight`` rounded to ``dtype``,
+    as the combine rounds it), zero on the padding rows."""
+    return jnp.take(weight.astype(dtype).reshape(-1), source, mode="fill", fill_value=0)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _combine_from_blocks(yp, weight, position, source, valid, dtype, modes):
     if modes.gather == "xla":
@@ -345,7 +351,7 @@ def _combine_from_blocks_bwd(dtype, modes, res, dy):
         dyp, dw = _scatter(dy, position, valid, source, k, modes.scatter, w, yp, yp.dtype)
         return dyp, dw.astype(weight.dtype), None, None, None
     # each padded row's gradient straight from its token's: no [T, k, D] buffer between
-    w_row = jnp.take(weight.astype(yp.dtype).reshape(-1), source, mode="fill", fill_value=0)
+    w_row = row_weights(weight, source, yp.dtype)
     dy_row = jnp.take(dy, source // k, axis=0, mode="fill", fill_value=0)
     dyp = (dy_row.astype(f32) * w_row.astype(f32)[:, None]).astype(yp.dtype)
     rows = from_blocks_reference(yp, position, source, valid).reshape(t, k, -1)

@@ -312,7 +312,7 @@ def _ffn_combine_bwd(res, dy):
                        interpret=static.interpret)  # fmt: skip
     dh = _gmm(dyp, w_out, layout, ffn, transpose_rhs=True)
     # each row's weight as the combine's forward rounds it (zero on the padding rows)
-    w_row = jnp.take(weight.astype(x.dtype).reshape(-1), source, mode="fill", fill_value=0)
+    w_row = gm.row_weights(weight, source, x.dtype)
     dgate, dup, h_scaled, dw_row = scaled_swiglu_grad(dh, gate, up, w_row)
     dw_row = jax.lax.optimization_barrier(dw_row)  # the F-long sums stay out of the gather
     dw = jnp.where(valid, jnp.take(dw_row, position, mode="fill", fill_value=0), 0.0)
